@@ -1,0 +1,118 @@
+"""The `edgeseg` command line: thin typer commands over the typed core.
+
+Heavy imports (torch, brevitas, onnx) happen inside the commands that need them, so
+`edgeseg --help` is instant and the runtime commands work on a torch-free device install.
+A `UserError` ends the command with one red line and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from edgeseg.errors import UserError
+
+app = typer.Typer(
+    name="edgeseg",
+    help="Medical image segmentation from training to the edge: train, quantize, export, segment, report.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML (see configs/).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to create (or resume).")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: key.sub=value.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly where it stopped.")] = False,
+) -> None:
+    """Train a float model; writes checkpoints, config and a JSONL log to --out."""
+    from edgeseg.config import load_experiment
+    from edgeseg.train.experiment import train_experiment
+
+    cfg = load_experiment(config, set_ or [])
+    result = train_experiment(cfg, out, resume=resume, config_dir=config.parent.resolve(), console=console)
+    if result.interrupted:
+        raise typer.Exit(130)
+    best = "n/a" if result.best_dice is None else f"{result.best_dice:.4f} (epoch {result.best_epoch})"
+    console.print(f"[green]done[/green]: {result.epochs_done} epochs in {result.seconds / 60:.1f} min; "
+                  f"best val Dice {best}; run dir {out}")
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory from `edgeseg train`.")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="Dataset folder (default: the run's).")] = None,
+    split: Annotated[str, typer.Option("--split", help="train, val or test.")] = "test",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write per-case and mean metrics here.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Per-case and mean metrics of a trained model on a data split."""
+    from edgeseg.atomic import write_json
+    from edgeseg.cli.tables import metrics_table
+    from edgeseg.train.experiment import evaluate_run
+
+    if not run_dir.is_dir():
+        raise UserError(f"run directory not found: {run_dir}")
+    result = evaluate_run(run_dir, data=data, split=split, console=console, device=device)
+    console.print(metrics_table(result["summary"], title=f"{run_dir} — {split} ({len(result['cases'])} cases)"))
+    if json_out is not None:
+        write_json(json_out, result)
+        console.print(f"metrics written to {json_out}")
+
+
+@app.command("list")
+def list_(
+    what: Annotated[str, typer.Argument(help="models, losses or configs.")] = "models",
+) -> None:
+    """List registered models, losses or shipped configs."""
+    if what == "models":
+        from edgeseg.nets import available_models
+
+        items = available_models()
+    elif what == "losses":
+        from edgeseg.losses import available_losses
+
+        items = available_losses()
+    elif what == "configs":
+        from edgeseg.cli.demo import shipped_configs
+
+        items = {p.stem: str(p) for p in shipped_configs()}
+    else:
+        from edgeseg.errors import unknown_name
+
+        raise unknown_name("list target", what, ["models", "losses", "configs"])
+    for name, desc in items.items():
+        console.print(f"[bold]{name}[/bold]  {desc}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where the demo writes everything.")] = Path("edgeseg-demo"),
+    data: Annotated[Optional[Path], typer.Option("--data", help="Run on a real dataset folder instead.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier demo in --out.")] = False,
+) -> None:
+    """The whole pipeline on built-in synthetic phantoms (or --data), end to end."""
+    from edgeseg.cli.demo import run_demo
+
+    run_demo(out, data=data, overwrite=overwrite, console=console)
+
+
+def main() -> None:
+    """Console-script entry point: user errors become one line and exit code 2."""
+    try:
+        app()
+    except UserError as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/yellow]")
+        sys.exit(130)

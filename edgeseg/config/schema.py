@@ -1,0 +1,184 @@
+"""The experiment configuration: small frozen dataclasses, one per concern.
+
+Only builders read these (dataset builder, model builder, trainer); components take
+explicit keyword arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from edgeseg.config.loader import apply_overrides, from_dict, read_yaml
+
+Layout = Literal["auto", "pairs", "msd", "bids", "png"]
+Normalization = Literal["zscore", "percentile", "none"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data is and how each volume is prepared."""
+
+    root: str = "synthetic"  # a dataset folder, or "synthetic" for the built-in phantoms
+    layout: Layout = "auto"
+    splits: str | None = "splits.json"  # relative to root; missing file -> seeded 70/15/15 split
+    spatial_dims: Literal[2, 3] = 3  # dimensionality of the model (2D models can train on 3D volumes)
+    slice_axis: int = 2  # for 2D models on 3D volumes: which axis is sliced
+    class_names: tuple[str, ...] = ("background", "foreground")
+    label_map: dict[int, int] = field(default_factory=dict)  # e.g. {255: 1}
+    normalization: Normalization = "zscore"
+    clip_percentiles: tuple[float, float] = (0.5, 99.5)
+    target_spacing: tuple[float, ...] | None = None  # mm; None keeps the native spacing
+    reorient: bool = True  # to the closest canonical (RAS+) orientation
+    patch_size: tuple[int, ...] = (48, 64, 48)
+    foreground_oversample: float = 0.33  # fraction of patches centred on a foreground voxel
+    evaluate_background: bool = False  # report metrics for class 0 too (e.g. EM membranes)
+    synthetic_cases: int = 24  # only for root == "synthetic"
+    synthetic_shape: tuple[int, ...] = (48, 48, 48)
+
+    def validate(self) -> None:
+        if len(self.class_names) < 2:
+            raise ValueError("class_names needs at least background and one class")
+        if len(self.patch_size) != self.spatial_dims:
+            raise ValueError(
+                f"patch_size {list(self.patch_size)} has {len(self.patch_size)} values "
+                f"but spatial_dims is {self.spatial_dims}"
+            )
+        if any(p < 8 for p in self.patch_size):
+            raise ValueError("patch_size values must be >= 8")
+        if not 0.0 <= self.foreground_oversample <= 1.0:
+            raise ValueError("foreground_oversample must be within [0, 1]")
+        if not 0 <= self.slice_axis <= 2:
+            raise ValueError("slice_axis must be 0, 1 or 2")
+        lo, hi = self.clip_percentiles
+        if not 0 <= lo < hi <= 100:
+            raise ValueError("clip_percentiles must satisfy 0 <= low < high <= 100")
+        for src, dst in self.label_map.items():
+            if not 0 <= dst < len(self.class_names):
+                raise ValueError(f"label_map {src}: {dst} is not a class index (0..{len(self.class_names) - 1})")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Random augmentations applied to training patches (each records its parameters)."""
+
+    flip_axes: tuple[int, ...] = (0, 1, 2)  # spatial axes that may be flipped (p = 0.5 each)
+    rotate90: bool = False  # random 90-degree rotations in the first two spatial axes
+    affine_prob: float = 0.0
+    rotate_degrees: float = 10.0
+    scale_range: tuple[float, float] = (0.9, 1.1)
+    gamma_prob: float = 0.3
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    noise_prob: float = 0.15
+    noise_std: float = 0.1
+
+    def validate(self) -> None:
+        for name in ("affine_prob", "gamma_prob", "noise_prob"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be within [0, 1], got {v}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture; input/output channels and dimensionality come from the data."""
+
+    name: str = "unet"
+    depth: int = 3  # number of poolings
+    base_width: int = 16
+    norm: Literal["batch", "instance", "none"] = "batch"
+    dropout: float = 0.0
+    decoder: Literal["transposed", "upsample"] = "upsample"
+
+    def validate(self) -> None:
+        if not 1 <= self.depth <= 6:
+            raise ValueError("model.depth must be between 1 and 6")
+        if self.base_width < 1:
+            raise ValueError("model.base_width must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError("model.dropout must be within [0, 1)")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: str = "dice_ce"
+    dice_reduction: Literal["batch", "sample"] = "batch"
+    smooth: float = 1e-5
+    include_background: bool = False
+    ce_weight: float = 1.0
+    dice_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 50
+    steps_per_epoch: int = 50
+    batch_size: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    schedule: Literal["poly", "cosine", "constant"] = "poly"
+    warmup_epochs: int = 0
+    seed: int = 0
+    amp: bool = True  # only takes effect on CUDA
+    val_every: int = 1
+    max_minutes: float | None = None  # stop after this wall time (the last finished epoch counts)
+    deterministic: bool = False
+    num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def validate(self) -> None:
+        if self.epochs < 1 or self.steps_per_epoch < 1 or self.batch_size < 1:
+            raise ValueError("epochs, steps_per_epoch and batch_size must be >= 1")
+        if self.lr <= 0:
+            raise ValueError("train.lr must be positive")
+        if self.val_every < 1:
+            raise ValueError("train.val_every must be >= 1")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Quantization-aware training settings (used by `edgeseg quantize`)."""
+
+    bits: str = "4/6"  # "W/A" or "fp32"
+    epochs: int = 10
+    steps_per_epoch: int = 50
+    lr: float = 2e-4
+    calibration_batches: int = 16
+    first_last_bits: int | None = 8  # keep first and last conv at this weight/act width; None = same as bits
+    power_of_two_scales: bool = False
+    learned_weight_scales: bool = True
+    layer_overrides: dict[str, str] = field(default_factory=dict)  # module-name glob -> "W/A"
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+
+    def data_root(self, base: Path | None = None) -> Path | None:
+        """The data folder resolved against `base` (the config file's folder); None for synthetic."""
+        if self.data.root == "synthetic":
+            return None
+        root = Path(self.data.root).expanduser()
+        if not root.is_absolute() and base is not None and not root.exists():
+            candidate = base / root
+            if candidate.exists():
+                return candidate
+        return root
+
+
+def load_experiment(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment (or the defaults when `path` is None), apply `--set` overrides, validate."""
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, list(overrides or []))
+    return from_dict(ExperimentConfig, data)

@@ -1,0 +1,1 @@
+"""Training (PyTorch). Importing this package imports torch; the runtime never does."""

@@ -1,0 +1,140 @@
+"""`edgeseg train` and `edgeseg evaluate` for float runs: config -> run directory -> metrics."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+
+from edgeseg.config import ExperimentConfig
+from edgeseg.data.augment import build_augmentation
+from edgeseg.data.cases import PreparedCase, prepare_cases, to_slices
+from edgeseg.errors import UserError
+from edgeseg.losses import build_loss
+from edgeseg.nets import build_from_config
+from edgeseg.train.checkpoint import load_weights
+from edgeseg.train.loop import FitParts, FitResult, FitSchedule, fit
+from edgeseg.train.rundir import RunDir, RunInfo
+from edgeseg.train.sampling import BatchSampler
+from edgeseg.train.optim import build_optimizer, build_scheduler
+from edgeseg.train.setup import (
+    configure_torch,
+    load_data_splits,
+    pick_device,
+    preprocess_spec,
+    resolve_data_root,
+)
+
+
+def load_cases(refs, spec, num_classes: int, console: Console, label: str) -> list[PreparedCase]:
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
+        task = progress.add_task(f"loading {label}", total=len(refs))
+        return prepare_cases(refs, spec, num_classes, on_case=lambda _: progress.advance(task))
+
+
+def _check_dims(cases: list[PreparedCase], spatial_dims: int, source: str) -> None:
+    ndim = cases[0].image.ndim - 1
+    if ndim == 2 and spatial_dims == 3:
+        raise UserError(f"{source}: the data is 2D but data.spatial_dims is 3 (set data.spatial_dims=2)")
+
+
+def train_experiment(cfg: ExperimentConfig, out: Path, *, resume: bool = False, config_dir: Path | None = None,
+                     console: Console | None = None) -> FitResult:
+    """Train the float model an experiment describes into run directory `out`."""
+    console = console or Console()
+    run = RunDir(out)
+    if resume:
+        if not run.last.is_file():
+            raise UserError(f"nothing to resume in {out} (no checkpoints/last.safetensors)")
+        cfg = run.read_config()
+    elif run.last.is_file() or run.config_path.is_file():
+        raise UserError(f"{out} already holds a run; use --resume to continue it or choose another --out")
+    configure_torch(cfg.train)
+    device = pick_device(cfg.train.device)
+    out.mkdir(parents=True, exist_ok=True)
+    root = resolve_data_root(cfg, out, config_dir)
+    if cfg.data.root == "synthetic":
+        cfg = replace(cfg, data=replace(cfg.data, root=str(root.resolve())))
+    splits = load_data_splits(root, cfg.data.layout, cfg.data.splits, cfg.train.seed)
+    spec = preprocess_spec(cfg)
+    num_classes = cfg.data.num_classes
+    train_cases = load_cases(splits.get("train"), spec, num_classes, console, "train cases")
+    val_cases = load_cases(splits.val, spec, num_classes, console, "val cases") if splits.val else []
+    _check_dims(train_cases, cfg.data.spatial_dims, str(root))
+    in_channels = train_cases[0].image.shape[0]
+    sample_cases = train_cases
+    if cfg.data.spatial_dims == 2 and train_cases[0].image.ndim == 4:
+        sample_cases = [s for c in train_cases for s in to_slices(c, cfg.data.slice_axis)]
+    model = build_from_config(cfg.model, spatial_dims=cfg.data.spatial_dims, in_channels=in_channels,
+                              out_channels=num_classes)
+    patch = tuple(cfg.data.patch_size)
+    bad = [p for p in patch if p % model.min_input_multiple]
+    if bad:
+        raise UserError(f"data.patch_size {list(patch)} must be divisible by {model.min_input_multiple} "
+                        f"(2**model.depth)")
+    optimizer = build_optimizer(model.parameters(), cfg.train)
+    total = cfg.train.epochs * cfg.train.steps_per_epoch
+    scheduler = build_scheduler(optimizer, cfg.train.schedule, total, cfg.train.warmup_epochs * cfg.train.steps_per_epoch)
+    sampler = BatchSampler(sample_cases, patch, cfg.data.foreground_oversample,
+                           build_augmentation(cfg.augment, cfg.data.spatial_dims), seed=cfg.train.seed)
+    if not resume:
+        run.write_config(cfg)
+        run.write_info(RunInfo(
+            spatial_dims=cfg.data.spatial_dims, in_channels=in_channels, class_names=list(cfg.data.class_names),
+            patch_size=list(patch), preprocess=spec.to_dict(), data_root=str(root), slice_axis=cfg.data.slice_axis,
+            evaluate_background=cfg.data.evaluate_background,
+        ))
+    parts = FitParts(model=model, loss_fn=build_loss(cfg.loss), optimizer=optimizer, scheduler=scheduler,
+                     sampler=sampler, val_cases=val_cases, spec=spec, class_names=cfg.data.class_names,
+                     patch_size=patch, spatial_dims=cfg.data.spatial_dims, device=device,
+                     slice_axis=cfg.data.slice_axis, include_background=cfg.data.evaluate_background)
+    console.print(f"training {cfg.model.name} ({sum(p.numel() for p in model.parameters()):,} parameters) on "
+                  f"{len(train_cases)} cases, validating on {len(val_cases)}; device {device}; run dir {out}")
+    schedule = FitSchedule(cfg.train.epochs, cfg.train.steps_per_epoch, cfg.train.batch_size, cfg.train.val_every,
+                           cfg.train.max_minutes, cfg.train.amp)
+    return fit(parts, schedule, run, resume=resume, console=console)
+
+
+def load_run_model(run_dir: Path, weights: Path | None = None, layers=None) -> tuple[torch.nn.Module, ExperimentConfig, RunInfo]:
+    """Rebuild a run's model and load its best (or given) weights, in eval mode on the CPU."""
+    run = RunDir(run_dir)
+    cfg, info = run.read_config(), run.read_info()
+    model = build_from_config(cfg.model, spatial_dims=info.spatial_dims, in_channels=info.in_channels,
+                              out_channels=len(info.class_names), layers=layers)
+    load_weights(weights or run.weights(), model)
+    return model.eval(), cfg, info
+
+
+def evaluate_run(run_dir: Path, *, data: Path | None, split: str, console: Console | None = None,
+                 device: str = "auto") -> dict[str, Any]:
+    """Per-case and summary metrics of a run's model on a split of its (or another) dataset."""
+    from edgeseg.data.preprocess import PreprocessSpec
+    from edgeseg.train.evaluation import evaluate_predictions
+    from edgeseg.train.inference import predict_labels
+
+    console = console or Console()
+    model, cfg, info = load_run_model(run_dir)
+    dev = pick_device(device)
+    model.to(dev)
+    root = Path(data) if data is not None else Path(info.data_root or "")
+    if not root.is_dir():
+        raise UserError(f"data folder not found: {root} (pass --data)")
+    splits = load_data_splits(root, cfg.data.layout, cfg.data.splits, cfg.train.seed)
+    spec = PreprocessSpec.from_dict(info.preprocess)
+    cases = load_cases(splits.get(split), spec, len(info.class_names), console, f"{split} cases")
+
+    def predict(case: PreparedCase):
+        return predict_labels(model, case.image, tuple(info.patch_size), dev, info.spatial_dims, info.slice_axis)
+
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
+        task = progress.add_task(f"evaluating {split}", total=len(cases))
+        result = evaluate_predictions(cases, predict, spec, info.class_names, info.evaluate_background,
+                                      on_case=lambda _: progress.advance(task))
+    result["run"] = str(run_dir)
+    result["split"] = split
+    result["data"] = str(root)
+    return result

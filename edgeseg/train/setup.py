@@ -1,0 +1,87 @@
+"""Turn an experiment config into the concrete pieces: data splits, preprocessing spec, model, optimizer."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from edgeseg.config import ExperimentConfig, TrainConfig
+from edgeseg.data.discovery import CaseRef, discover_cases, load_splits
+from edgeseg.data.preprocess import PreprocessSpec
+from edgeseg.errors import UserError
+
+
+def preprocess_spec(cfg: ExperimentConfig) -> PreprocessSpec:
+    d = cfg.data
+    return PreprocessSpec(
+        reorient=d.reorient,
+        target_spacing=None if d.target_spacing is None else tuple(d.target_spacing),
+        normalization=d.normalization,
+        clip_percentiles=tuple(d.clip_percentiles),
+        label_map=dict(d.label_map),
+    )
+
+
+def resolve_data_root(cfg: ExperimentConfig, out: Path, config_dir: Path | None) -> Path:
+    """The dataset folder; for `root: synthetic`, phantoms are written once into OUT/synthetic_data."""
+    if cfg.data.root == "synthetic":
+        from edgeseg.data.phantoms import write_phantom_dataset
+
+        root = out / "synthetic_data"
+        if not (root / "splits.json").is_file():
+            write_phantom_dataset(root, n_cases=cfg.data.synthetic_cases, shape=tuple(cfg.data.synthetic_shape),
+                                  seed=cfg.train.seed, num_classes=cfg.data.num_classes)
+        return root
+    root = cfg.data_root(config_dir)
+    assert root is not None
+    if not root.is_dir():
+        raise UserError(f"data folder not found: {root} (set data.root in the config or --set data.root=PATH)")
+    return root
+
+
+@dataclass
+class Splits:
+    root: Path
+    train: list[CaseRef]
+    val: list[CaseRef]
+    test: list[CaseRef]
+
+    def get(self, name: str) -> list[CaseRef]:
+        if name not in ("train", "val", "test"):
+            raise UserError(f"unknown split '{name}'; choose from train, val, test")
+        cases = getattr(self, name)
+        if not cases:
+            raise UserError(f"split '{name}' of {self.root} is empty")
+        return cases
+
+
+def load_data_splits(root: Path, layout: str, splits_file: str | None, seed: int) -> Splits:
+    cases = discover_cases(root, layout)
+    splits = load_splits(root, splits_file, cases, seed=seed)
+    return Splits(root, list(splits.get("train", [])), list(splits.get("val", [])), list(splits.get("test", [])))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device is '{name}' but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def configure_torch(cfg: TrainConfig) -> None:
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def class_names_for(cfg: ExperimentConfig) -> Sequence[str]:
+    return tuple(cfg.data.class_names)

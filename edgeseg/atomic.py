@@ -49,9 +49,22 @@ def write_text(target: str | os.PathLike[str], text: str) -> None:
     write_bytes(target, text.encode("utf-8"))
 
 
+def json_safe(obj: Any) -> Any:
+    """Replace non-finite floats by the strings "inf", "-inf", "nan" (strict JSON has no Infinity)."""
+    if isinstance(obj, float) and obj != obj:
+        return "nan"
+    if isinstance(obj, float) and obj in (float("inf"), float("-inf")):
+        return "inf" if obj > 0 else "-inf"
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(target: str | os.PathLike[str], obj: Any, indent: int = 2) -> None:
-    """Write `obj` as JSON to `target` atomically."""
-    write_text(target, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
+    """Write `obj` as strict JSON to `target` atomically (non-finite floats become strings)."""
+    write_text(target, json.dumps(json_safe(obj), indent=indent, sort_keys=False, allow_nan=False) + "\n")
 
 
 def write_with(target: str | os.PathLike[str], writer: Callable[[Path], None]) -> None:

@@ -31,7 +31,8 @@ class DataConfig:
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
     target_spacing: tuple[float, ...] | None = None  # mm; None keeps the native spacing
     reorient: bool = True  # to the closest canonical (RAS+) orientation
-    patch_size: tuple[int, ...] = (48, 64, 48)
+    patch_size: tuple[int, ...] = (48, 64, 48)  # training patch
+    inference_tile: tuple[int, ...] | None = None  # sliding-window tile at inference; None = patch_size
     foreground_oversample: float = 0.33  # fraction of patches centred on a foreground voxel
     evaluate_background: bool = False  # report metrics for class 0 too (e.g. EM membranes)
     synthetic_cases: int = 24  # only for root == "synthetic"
@@ -45,6 +46,8 @@ class DataConfig:
                 f"patch_size {list(self.patch_size)} has {len(self.patch_size)} values "
                 f"but spatial_dims is {self.spatial_dims}"
             )
+        if self.inference_tile is not None and len(self.inference_tile) != self.spatial_dims:
+            raise ValueError(f"inference_tile {list(self.inference_tile)} must have {self.spatial_dims} values")
         if any(p < 8 for p in self.patch_size):
             raise ValueError("patch_size values must be >= 8")
         if not 0.0 <= self.foreground_oversample <= 1.0:
@@ -57,6 +60,10 @@ class DataConfig:
         for src, dst in self.label_map.items():
             if not 0 <= dst < len(self.class_names):
                 raise ValueError(f"label_map {src}: {dst} is not a class index (0..{len(self.class_names) - 1})")
+
+    @property
+    def tile_size(self) -> tuple[int, ...]:
+        return tuple(self.inference_tile or self.patch_size)
 
     @property
     def num_classes(self) -> int:
@@ -125,7 +132,7 @@ class TrainConfig:
     schedule: Literal["poly", "cosine", "constant"] = "poly"
     warmup_epochs: int = 0
     seed: int = 0
-    amp: bool = True  # only takes effect on CUDA
+    amp: bool = True  # mixed precision on CUDA, and bf16 on CPUs with native bf16 (AMX/AVX512-BF16)
     val_every: int = 1
     max_minutes: float | None = None  # stop after this wall time (the last finished epoch counts)
     deterministic: bool = False

@@ -72,10 +72,10 @@ def train_experiment(cfg: ExperimentConfig, out: Path, *, resume: bool = False, 
     model = build_from_config(cfg.model, spatial_dims=cfg.data.spatial_dims, in_channels=in_channels,
                               out_channels=num_classes)
     patch = tuple(cfg.data.patch_size)
-    bad = [p for p in patch if p % model.min_input_multiple]
-    if bad:
-        raise UserError(f"data.patch_size {list(patch)} must be divisible by {model.min_input_multiple} "
-                        f"(2**model.depth)")
+    for field_name, size in (("patch_size", patch), ("inference_tile", cfg.data.tile_size)):
+        if any(p % model.min_input_multiple for p in size):
+            raise UserError(f"data.{field_name} {list(size)} must be divisible by {model.min_input_multiple} "
+                            f"(2**model.depth)")
     optimizer = build_optimizer(model.parameters(), cfg.train)
     total = cfg.train.epochs * cfg.train.steps_per_epoch
     scheduler = build_scheduler(optimizer, cfg.train.schedule, total, cfg.train.warmup_epochs * cfg.train.steps_per_epoch)
@@ -85,12 +85,12 @@ def train_experiment(cfg: ExperimentConfig, out: Path, *, resume: bool = False, 
         run.write_config(cfg)
         run.write_info(RunInfo(
             spatial_dims=cfg.data.spatial_dims, in_channels=in_channels, class_names=list(cfg.data.class_names),
-            patch_size=list(patch), preprocess=spec.to_dict(), data_root=str(root), slice_axis=cfg.data.slice_axis,
+            patch_size=list(patch), tile_size=list(cfg.data.tile_size), preprocess=spec.to_dict(), data_root=str(root), slice_axis=cfg.data.slice_axis,
             evaluate_background=cfg.data.evaluate_background,
         ))
     parts = FitParts(model=model, loss_fn=build_loss(cfg.loss), optimizer=optimizer, scheduler=scheduler,
                      sampler=sampler, val_cases=val_cases, spec=spec, class_names=cfg.data.class_names,
-                     patch_size=patch, spatial_dims=cfg.data.spatial_dims, device=device,
+                     patch_size=patch, tile_size=tuple(cfg.data.tile_size), spatial_dims=cfg.data.spatial_dims, device=device,
                      slice_axis=cfg.data.slice_axis, include_background=cfg.data.evaluate_background)
     console.print(f"training {cfg.model.name} ({sum(p.numel() for p in model.parameters()):,} parameters) on "
                   f"{len(train_cases)} cases, validating on {len(val_cases)}; device {device}; run dir {out}")
@@ -128,7 +128,7 @@ def evaluate_run(run_dir: Path, *, data: Path | None, split: str, console: Conso
     cases = load_cases(splits.get(split), spec, len(info.class_names), console, f"{split} cases")
 
     def predict(case: PreparedCase):
-        return predict_labels(model, case.image, tuple(info.patch_size), dev, info.spatial_dims, info.slice_axis)
+        return predict_labels(model, case.image, tuple(info.tile_size), dev, info.spatial_dims, info.slice_axis)
 
     with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task(f"evaluating {split}", total=len(cases))

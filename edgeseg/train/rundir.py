@@ -30,7 +30,8 @@ class RunInfo:
     spatial_dims: int
     in_channels: int
     class_names: list[str]
-    patch_size: list[int]
+    patch_size: list[int]  # training patch
+    tile_size: list[int]  # inference tile (volumes within it run as one padded tile)
     preprocess: dict[str, Any]  # PreprocessSpec.to_dict()
     data_root: str | None
     slice_axis: int = 2

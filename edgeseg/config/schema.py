@@ -12,7 +12,7 @@ from typing import Literal
 
 from edgeseg.config.loader import apply_overrides, from_dict, read_yaml
 
-Layout = Literal["auto", "pairs", "msd", "bids", "png"]
+Layout = Literal["auto", "pairs", "msd", "bids", "png", "sidecar"]
 Normalization = Literal["zscore", "percentile", "none"]
 
 

@@ -50,7 +50,7 @@ class PatchSampler:
 
     def __init__(self, image: np.ndarray, label: np.ndarray, patch_size: tuple[int, ...]):
         self.patch_size = tuple(patch_size)
-        self.image, widths = pad_to_shape(image, self.patch_size)
+        self.image, _ = pad_to_shape(image, self.patch_size)
         self.label, _ = pad_to_shape(label, self.patch_size)
         self.foreground = np.argwhere(self.label > 0)  # (N, ndim) coordinates, computed once
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -14,14 +14,14 @@ from edgeseg.errors import UserError
 def quantize(
     run_dir: Annotated[Path, typer.Argument(help="A float run directory from `edgeseg train`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Quantized run directory to create.")],
-    bits: Annotated[Optional[str], typer.Option(
+    bits: Annotated[str | None, typer.Option(
         "--bits", help="W/A with W and A in 2..8 (e.g. 4/6, 8/8, 2/4), or fp32 for a float fine-tuning control. "
                        "Default: the config's quant.bits.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(
+    epochs: Annotated[int | None, typer.Option(
         "--epochs", help="QAT epochs (0 = calibration only). Default: quant.epochs.")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="QAT learning rate. Default: quant.lr.")] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="Dataset folder (default: the run's).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option(
+    lr: Annotated[float | None, typer.Option("--lr", help="QAT learning rate. Default: quant.lr.")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Dataset folder (default: the run's).")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Override a quant.* or train.* key, e.g. quant.first_last_bits=32 or "
                       "'quant.layer_overrides={dec0.*: 8/8}'.")] = None,
 ) -> None:

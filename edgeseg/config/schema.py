@@ -157,10 +157,11 @@ class QuantConfig:
     steps_per_epoch: int = 50
     lr: float = 2e-4
     calibration_batches: int = 16
-    first_last_bits: int | None = 8  # keep first and last conv at this weight/act width; None = same as bits
+    first_last_bits: int | None = 8  # first conv + head at this width (2..8; 32 = float, as the 2019 paper); None = bits
     power_of_two_scales: bool = False
     learned_weight_scales: bool = True
-    layer_overrides: dict[str, str] = field(default_factory=dict)  # module-name glob -> "W/A"
+    # factory layer-name glob (e.g. "dec0.*", quoted in YAML when it starts with *) -> "W/A", or "fp32" (convs only)
+    layer_overrides: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,294 @@
+"""`edgeseg quantize`: float run -> folded float model -> quantized twin -> calibration -> QAT -> QRUN_DIR.
+
+    QRUN_DIR/
+      config.yaml        the parent's config with the quant section actually used
+      run.json           RunInfo with bits ("4/6") and parent_run; extra: layer plan, float islands
+      checkpoints/       best.safetensors (quantized weights + scales), last.safetensors (resume state)
+      log.jsonl          one line per QAT epoch
+      metrics.json       float vs quantized Dice side by side on val (and test), same evaluation code
+
+Both models are scored by `evaluate_predictions` on the original grids, exactly as
+`edgeseg evaluate` scores float runs. The float reference is the batch-norm-folded model, which
+is equal to the trained model in eval mode (up to float rounding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from edgeseg.atomic import write_json
+from edgeseg.config import ExperimentConfig, QuantConfig, from_dict, to_dict
+from edgeseg.config.loader import apply_overrides
+from edgeseg.data.augment import Compose, build_augmentation
+from edgeseg.data.cases import PreparedCase, to_slices
+from edgeseg.data.preprocess import PreprocessSpec
+from edgeseg.errors import UserError
+from edgeseg.losses import build_loss
+from edgeseg.quantize.bits import BitWidths, parse_bits
+from edgeseg.quantize.calibrate import calibrate
+from edgeseg.quantize.fold import fold_batch_norms
+from edgeseg.quantize.twin import (
+    build_twin,
+    count_parameters,
+    float_islands,
+    load_folded_weights,
+    twin_spec,
+    weight_bits_total,
+)
+from edgeseg.train.checkpoint import load_weights, save_weights
+from edgeseg.train.evaluation import evaluate_predictions, mean_foreground_dice
+from edgeseg.train.experiment import load_cases, load_run_model
+from edgeseg.train.inference import predict_labels
+from edgeseg.train.loop import FitParts, FitSchedule, fit
+from edgeseg.train.optim import build_optimizer, build_scheduler
+from edgeseg.train.rundir import RunDir, RunInfo
+from edgeseg.train.sampling import BatchSampler
+from edgeseg.train.setup import configure_torch, load_data_splits, pick_device
+
+# Config sections a quantize call may change with --set; the architecture and data preparation
+# are fixed by the parent run (its weights and preprocessing would no longer fit).
+SETTABLE_SECTIONS = ("quant", "train")
+
+
+def quantize_run(
+    run_dir: Path,
+    bits: str | None,
+    out: Path,
+    *,
+    epochs: int | None = None,
+    lr: float | None = None,
+    data: Path | None = None,
+    overrides: Sequence[str] = (),
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Quantize the float run in `run_dir` into `out`; returns the metrics written to out/metrics.json.
+
+    `bits` ("W/A" or "fp32"; None = the config's quant.bits) and `epochs`/`lr` override the
+    quant section; `overrides` are `--set quant.x=...` / `train.x=...` strings. fp32 runs the same
+    schedule on the folded float model (a control: what the extra fine-tuning alone gives).
+    """
+    console = console or Console()
+    run_dir, out = Path(run_dir), Path(out)
+    parent = RunDir(run_dir)
+    cfg, info = parent.read_config(), parent.read_info()
+    if info.bits != "fp32" or info.parent_run is not None:
+        raise UserError(f"{run_dir} is already a quantized run ({info.bits}); quantize its float parent "
+                        f"{info.parent_run} instead")
+    cfg = _with_overrides(cfg, overrides)
+    qbits = parse_bits(bits) if bits is not None else parse_bits(cfg.quant.bits, "quant.bits")
+    quant = _quant_settings(cfg.quant, qbits, epochs, lr)
+    cfg = replace(cfg, quant=quant)
+    qrun = RunDir(out)
+    if out.resolve() == run_dir.resolve():
+        raise UserError("--out must differ from the float run directory")
+    if qrun.config_path.is_file() or qrun.last.is_file():
+        raise UserError(f"{out} already holds a run; choose another --out")
+
+    configure_torch(cfg.train)
+    device = pick_device(cfg.train.device)
+    float_model, _, _ = load_run_model(run_dir)
+    folded = fold_batch_norms(float_model)
+    spec = twin_spec(cfg.model, quant, qbits)
+    out_channels = len(info.class_names)
+    twin, plan = build_twin(cfg.model, spec, spatial_dims=info.spatial_dims, in_channels=info.in_channels,
+                            out_channels=out_channels)
+    load_folded_weights(twin, float_model)
+    islands = float_islands(twin)
+
+    root = Path(data) if data is not None else Path(info.data_root or "")
+    if not root.is_dir():
+        raise UserError(f"data folder not found: {root} (pass --data)")
+    splits = load_data_splits(root, cfg.data.layout, cfg.data.splits, cfg.train.seed)
+    pspec = PreprocessSpec.from_dict(info.preprocess)
+    num_classes = len(info.class_names)
+    train_cases = load_cases(splits.get("train"), pspec, num_classes, console, "train cases")
+    val_cases = load_cases(splits.val, pspec, num_classes, console, "val cases") if splits.val else []
+    test_cases = load_cases(splits.test, pspec, num_classes, console, "test cases") if splits.test else []
+    sample_cases = train_cases
+    if info.spatial_dims == 2 and train_cases[0].image.ndim == 4:
+        sample_cases = [s for c in train_cases for s in to_slices(c, info.slice_axis)]
+    patch = tuple(info.patch_size)
+
+    out.mkdir(parents=True, exist_ok=True)
+    qrun.write_config(cfg)
+    qinfo = replace(info, bits=str(qbits), parent_run=str(run_dir.resolve()), data_root=str(root.resolve()),
+                    extra={**info.extra, "layer_plan": plan, "float_islands": islands,
+                           "folded_batch_norms": len(folded)})
+    qrun.write_info(qinfo)
+    console.print(f"quantizing {run_dir} to {qbits} ({_plan_summary(plan, spec.first_last)}); "
+                  f"{len(folded)} batch norms folded; float islands: {_short_list(islands)}; "
+                  f"device {device}; run dir {out}")
+
+    metrics: dict[str, Any] = {"bits": str(qbits), "parent_run": str(run_dir.resolve()), "layer_plan": plan,
+                               "float_islands": islands, "folded_batch_norms": folded,
+                               "parameters": count_parameters(twin), **weight_bits_total(twin)}
+    twin.to(device)
+    float_model.to(device)
+    if not qbits.is_float:
+        seen = _calibrate(twin, sample_cases, patch, cfg, quant.calibration_batches, device, console)
+        metrics["calibration_batches"] = seen
+        if val_cases:
+            ptq = _score(twin, val_cases, qinfo, pspec, device, console, "val (after calibration)")
+            metrics["val_dice_after_calibration"] = mean_foreground_dice(ptq["summary"])
+
+    weights_meta = {"bits": str(qbits), "parent_run": str(run_dir.resolve())}
+    if quant.epochs > 0:
+        metrics["qat"] = _fine_tune(twin, sample_cases, val_cases, patch, cfg, qinfo, pspec, device, qrun,
+                                    weights_meta, console)
+        if metrics["qat"]["interrupted"]:
+            write_json(out / "metrics.json", metrics)
+            return metrics
+        load_weights(qrun.best, twin)
+    else:
+        save_weights(qrun.best, twin, {**weights_meta, "epoch": 0, "val_dice": None})
+
+    metrics["splits"] = {}
+    for split, cases in (("val", val_cases), ("test", test_cases)):
+        if not cases:
+            continue
+        f_res = _score(float_model, cases, qinfo, pspec, device, console, f"{split} (float)")
+        q_res = _score(twin, cases, qinfo, pspec, device, console, f"{split} ({qbits})")
+        f_dice, q_dice = mean_foreground_dice(f_res["summary"]), mean_foreground_dice(q_res["summary"])
+        metrics["splits"][split] = {
+            "cases": len(q_res["cases"]),
+            "dice_float": f_dice,
+            "dice_quant": q_dice,
+            "dice_delta": q_dice - f_dice,
+            "per_class_dice": {c: {"float": f_res["summary"][c]["dice"]["mean"],
+                                   "quant": q_res["summary"][c]["dice"]["mean"]}
+                               for c in q_res["summary"] if c != "mean"},
+            "float": f_res["summary"],
+            "quant": q_res["summary"],
+        }
+    if "val" in metrics["splits"]:
+        metrics["splits"]["val"]["note"] = "the quantized checkpoint was selected on val; test is unbiased"
+    write_json(out / "metrics.json", metrics)
+    console.print(_comparison_table(metrics, str(qbits)))
+    return metrics
+
+
+def load_quant_model(qrun_dir: Path) -> tuple[torch.nn.Module, ExperimentConfig, RunInfo]:
+    """Rebuild the quantized twin a QRUN_DIR describes and load its best weights, in eval mode on the CPU.
+
+    For a `--bits fp32` control run this is the folded float model. Every quantizer scale is
+    loaded from the checkpoint (no statistics are re-collected), so outputs equal those at QAT's end.
+    """
+    qrun = RunDir(Path(qrun_dir))
+    cfg, info = qrun.read_config(), qrun.read_info()
+    if info.parent_run is None:
+        raise UserError(f"{qrun_dir} is not a quantized run (it has no parent run; run `edgeseg quantize` first)")
+    spec = twin_spec(cfg.model, cfg.quant, parse_bits(info.bits, f"{qrun.info_path}: bits"))
+    model, _ = build_twin(cfg.model, spec, spatial_dims=info.spatial_dims, in_channels=info.in_channels,
+                          out_channels=len(info.class_names))
+    load_weights(qrun.weights(), model)
+    return model.eval(), cfg, info
+
+
+# ---- steps ---------------------------------------------------------------------------------------
+
+def _with_overrides(cfg: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
+    for item in overrides:
+        section = item.split("=", 1)[0].strip().split(".", 1)[0]
+        if section not in SETTABLE_SECTIONS:
+            raise UserError(f"--set {item}: only {' and '.join(f'{s}.*' for s in SETTABLE_SECTIONS)} settings can "
+                            "change when quantizing (architecture and data preparation are the parent run's)")
+    if not overrides:
+        return cfg
+    return from_dict(ExperimentConfig, apply_overrides(to_dict(cfg), list(overrides)))
+
+
+def _quant_settings(quant: QuantConfig, bits: BitWidths, epochs: int | None, lr: float | None) -> QuantConfig:
+    quant = replace(quant, bits=str(bits), epochs=quant.epochs if epochs is None else epochs,
+                    lr=quant.lr if lr is None else lr)
+    if quant.epochs < 0:
+        raise UserError(f"--epochs must be >= 0 (0 = calibration only), got {quant.epochs}")
+    if quant.lr <= 0:
+        raise UserError(f"--lr must be positive, got {quant.lr}")
+    if quant.steps_per_epoch < 1:
+        raise UserError(f"quant.steps_per_epoch must be >= 1, got {quant.steps_per_epoch}")
+    if quant.calibration_batches < 1:
+        raise UserError(f"quant.calibration_batches must be >= 1, got {quant.calibration_batches}")
+    return quant
+
+
+def _calibrate(model: torch.nn.Module, cases: Sequence[PreparedCase], patch: tuple[int, ...],
+               cfg: ExperimentConfig, n_batches: int, device: torch.device, console: Console) -> int:
+    """Calibration batches: training patches without augmentation (the distribution seen at inference)."""
+    sampler = BatchSampler(cases, patch, cfg.data.foreground_oversample, Compose([]), seed=cfg.train.seed + 1)
+
+    def batches():
+        for _ in range(n_batches):
+            images, _ = sampler.next_batch(cfg.train.batch_size)
+            yield torch.from_numpy(images).to(device)
+
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
+        task = progress.add_task("calibrating activation scales", total=n_batches)
+        return calibrate(model, batches(), on_batch=lambda _: progress.advance(task))
+
+
+def _fine_tune(model, cases, val_cases, patch, cfg: ExperimentConfig, info: RunInfo, pspec, device, qrun: RunDir,
+               weights_meta: dict[str, Any], console: Console) -> dict[str, Any]:
+    """QAT with the float training loop: straight-through estimators are inside brevitas' quantizers.
+
+    Mixed precision is off: bf16 autocast would round the quantizer scales and break the
+    integer grid the deployed model runs on.
+    """
+    quant = cfg.quant
+    optimizer = build_optimizer(model.parameters(), cfg.train, lr=quant.lr)
+    scheduler = build_scheduler(optimizer, cfg.train.schedule, quant.epochs * quant.steps_per_epoch)
+    sampler = BatchSampler(cases, patch, cfg.data.foreground_oversample,
+                           build_augmentation(cfg.augment, info.spatial_dims), seed=cfg.train.seed)
+    parts = FitParts(model=model, loss_fn=build_loss(cfg.loss), optimizer=optimizer, scheduler=scheduler,
+                     sampler=sampler, val_cases=val_cases, spec=pspec, class_names=info.class_names,
+                     patch_size=patch, tile_size=tuple(info.tile_size), spatial_dims=info.spatial_dims,
+                     device=device, slice_axis=info.slice_axis, include_background=info.evaluate_background)
+    schedule = FitSchedule(quant.epochs, quant.steps_per_epoch, cfg.train.batch_size, cfg.train.val_every,
+                           cfg.train.max_minutes, amp=False)
+    result = fit(parts, schedule, qrun, resume=False, console=console, weights_meta=weights_meta)
+    return {"epochs": result.epochs_done, "best_epoch": result.best_epoch, "best_val_dice": result.best_dice,
+            "seconds": round(result.seconds, 1), "interrupted": result.interrupted, "lr": quant.lr,
+            "steps_per_epoch": quant.steps_per_epoch}
+
+
+def _score(model: torch.nn.Module, cases: Sequence[PreparedCase], info: RunInfo, pspec: PreprocessSpec,
+           device: torch.device, console: Console, label: str) -> dict[str, Any]:
+    """The one evaluation path for float and quantized models (as `edgeseg evaluate` does it)."""
+    model.eval()
+
+    def predict(case: PreparedCase):
+        return predict_labels(model, case.image, tuple(info.tile_size), device, info.spatial_dims, info.slice_axis)
+
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
+        task = progress.add_task(f"evaluating {label}", total=len(cases))
+        return evaluate_predictions(cases, predict, pspec, info.class_names, info.evaluate_background,
+                                    on_case=lambda _: progress.advance(task))
+
+
+def _short_list(names: list[str], keep: int = 3) -> str:
+    if not names:
+        return "none"
+    return ", ".join(names[:keep]) + (f" and {len(names) - keep} more" if len(names) > keep else "")
+
+
+def _plan_summary(plan: dict[str, str], first_last: BitWidths) -> str:
+    if not plan:
+        return "all float"
+    return f"first/last {first_last}, {len(plan)} quantized or float-kept layers"
+
+
+def _comparison_table(metrics: dict[str, Any], bits: str) -> Table:
+    table = Table(title=f"float vs {bits} (mean foreground Dice)")
+    for column in ("split", "cases", "float", bits, "delta"):
+        table.add_column(column, justify="right" if column != "split" else "left")
+    for split, row in metrics["splits"].items():
+        table.add_row(split, str(row["cases"]), f"{row['dice_float']:.4f}", f"{row['dice_quant']:.4f}",
+                      f"{row['dice_delta']:+.4f}")
+    return table

@@ -74,7 +74,10 @@ def bundle(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle at --out.")] = False,
 ) -> None:
     """Wrap any ONNX segmentation model in a bundle whose manifest comes from these flags."""
-    from edgeseg.export.third_party import make_bundle
+    try:
+        from edgeseg.export.third_party import make_bundle
+    except ImportError as exc:
+        raise UserError(f"`edgeseg bundle` needs the onnx package ({exc}); pip install onnx") from None
 
     percentiles = _floats(clip_percentiles, "--clip-percentiles") or []
     if len(percentiles) != 2:

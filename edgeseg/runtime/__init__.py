@@ -1,0 +1,1 @@
+"""The device runtime: torch-free (numpy, nibabel, onnxruntime; TensorRT where present)."""

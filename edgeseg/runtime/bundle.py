@@ -1,0 +1,432 @@
+"""The model bundle: ONNX model forms + `manifest.json`, as a directory or a single `.zip` file.
+
+Torch-free (numpy + onnxruntime; no `onnx` package needed, see `onnx_wire`). The schema is
+documented in docs/bundle.md. Loading verifies, before anything is used:
+
+- the manifest parses and its schema version is one this edgeseg reads;
+- every file the manifest lists exists, has the listed size and SHA-256, and has a safe
+  relative name (no absolute paths, no `..`);
+- every model form names a listed file, and the shapes/names it declares are consistent.
+
+A bundle that fails any check is refused with one `UserError` line naming the file or field.
+Nothing is unpickled anywhere: the manifest is JSON, models are ONNX protobuf, weights raw bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from edgeseg import __version__
+from edgeseg.errors import UserError
+from edgeseg.runtime.onnx_wire import WireError, inline_model
+
+FORMAT = "edgeseg-bundle"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+ARCHIVE_SUFFIX = ".zip"
+BACKENDS = ("onnxruntime", "tensorrt", "any")
+PRECISIONS = ("fp32", "fp16", "int8")
+OUTPUT_KINDS = ("logits", "probabilities")
+
+
+@dataclass(frozen=True)
+class McSite:
+    """One Monte Carlo dropout site exported as a mask input.
+
+    The runtime feeds `input` a float32 mask of shape (N, channels, 1, ..., 1) (one 1 per spatial
+    axis) holding 0 (channel dropped) or 1 / (1 - p) (kept, rescaled): channel dropout exactly as
+    torch's dropout2d/dropout3d draws it, but with the randomness under the runtime's control so
+    that ONNX Runtime and TensorRT give different samples per pass and reproducible ones per seed.
+    """
+
+    input: str
+    channels: int
+    p: float
+
+
+@dataclass(frozen=True)
+class ModelForm:
+    """One runnable ONNX graph of the model."""
+
+    file: str
+    backend: str  # "onnxruntime", "tensorrt" or "any"
+    precision: str  # what the convolutions run in: "fp32" or "int8"
+    mc: bool = False  # takes MC dropout mask inputs (manifest.mc_sites)
+    packed_int4: bool = False  # holds INT4 initializers; expanded to INT8 at load
+    opset: int = 17  # default-domain opset of the graph as loaded (at rest: 21 when packed)
+    ir_version: int = 8
+    inputs: list[str] = field(default_factory=lambda: ["image"])
+    session_config: dict[str, str] = field(default_factory=dict)  # onnxruntime session config entries
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything the runtime needs to feed the model and read its output (docs/bundle.md)."""
+
+    spatial_dims: int
+    in_channels: int
+    class_names: list[str]
+    tile_size: list[int]  # default inference tile (the training patch unless --tile)
+    min_input_multiple: int  # every spatial size fed to the model must be a multiple of this
+    preprocess: dict[str, Any]  # edgeseg.data.preprocess.PreprocessSpec.to_dict()
+    forms: dict[str, ModelForm]
+    files: dict[str, FileEntry]
+    input_name: str = "image"
+    output_name: str = "logits"
+    output_kind: str = "logits"  # "logits" (apply softmax) or "probabilities"
+    batch: int = 1  # batch of the TensorRT optimisation profile; ONNX Runtime forms take any batch
+    slice_axis: int | None = None  # 2D models on 3D volumes: the sliced axis
+    training: dict[str, Any] = field(default_factory=dict)  # patch_size, spacing, orientation
+    bits: dict[str, Any] = field(default_factory=dict)  # nominal and deployed bit widths
+    mc_sites: list[McSite] = field(default_factory=list)
+    sizes: dict[str, Any] = field(default_factory=dict)
+    parity: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+    edgeseg_version: str = __version__
+    format: str = FORMAT
+
+    @property
+    def mc_available(self) -> bool:
+        return bool(self.mc_sites) and any(f.mc for f in self.forms.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        # Keep the identifying fields first for people reading the file.
+        head = {k: data.pop(k) for k in ("format", "schema_version", "edgeseg_version")}
+        data["mc_dropout"] = {"available": self.mc_available, "sites": data.pop("mc_sites")}
+        return {**head, **data}
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = MANIFEST) -> Manifest:
+        """Validate and build; any problem is a UserError naming `source` and the field."""
+        return _parse_manifest(data, source)
+
+    def form(self, name: str) -> ModelForm:
+        if name not in self.forms:
+            from edgeseg.errors import unknown_name
+
+            raise unknown_name("model form", name, self.forms)
+        return self.forms[name]
+
+    def pick_form(self, backend: str, mc: bool = False) -> str:
+        """The form to run on `backend` ("onnxruntime" or "tensorrt"), with or without MC masks."""
+        if backend not in ("onnxruntime", "tensorrt"):
+            raise UserError(f"backend must be onnxruntime or tensorrt, got {backend!r}")
+        candidates = [n for n, f in self.forms.items() if f.mc == mc and f.backend == backend]
+        candidates += [n for n, f in self.forms.items() if f.mc == mc and f.backend == "any"]
+        if not candidates:
+            what = "Monte Carlo dropout" if mc else "plain inference"
+            raise UserError(f"this bundle has no {backend} form for {what} (forms: {', '.join(self.forms)})")
+        return candidates[0]
+
+    def mc_mask_shapes(self, batch: int) -> dict[str, tuple[int, ...]]:
+        """Shape of each MC mask input for a batch of `batch` tiles."""
+        return {s.input: (batch, s.channels) + (1,) * self.spatial_dims for s in self.mc_sites}
+
+
+# ------------------------------------------------------------------------------------- validation
+
+
+def _get(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], source: str, default: Any = ...) -> Any:
+    if key not in data:
+        if default is ...:
+            raise UserError(f"{source}: missing field '{key}'")
+        return default
+    value = data[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        raise UserError(f"{source}: field '{key}' must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+    if not isinstance(value, kinds):
+        raise UserError(f"{source}: field '{key}' must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+    return value
+
+
+def _int_list(data: Mapping[str, Any], key: str, source: str) -> list[int]:
+    value = _get(data, key, list, source)
+    if not value or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+        raise UserError(f"{source}: field '{key}' must be a list of positive integers, got {value!r}")
+    return list(value)
+
+
+def safe_member_name(name: str, source: str) -> str:
+    """A bundle file name: relative, forward slashes, no `..` (the loader never leaves the bundle)."""
+    path = PurePosixPath(name)
+    if (not name or "\\" in name or path.is_absolute() or any(part in ("..", "") for part in name.split("/"))
+            or name == MANIFEST):
+        raise UserError(f"{source}: unsafe or reserved file name {name!r} in the bundle")
+    return name
+
+
+def _parse_form(name: str, data: Any, source: str) -> ModelForm:
+    where = f"{source}: forms.{name}"
+    if not isinstance(data, dict):
+        raise UserError(f"{where} must be an object")
+    backend = _get(data, "backend", str, where)
+    precision = _get(data, "precision", str, where)
+    if backend not in BACKENDS:
+        raise UserError(f"{where}.backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if precision not in PRECISIONS:
+        raise UserError(f"{where}.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    inputs = _get(data, "inputs", list, where, ["image"])
+    if not inputs or not all(isinstance(i, str) and i for i in inputs):
+        raise UserError(f"{where}.inputs must be a non-empty list of input names")
+    config = _get(data, "session_config", dict, where, {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in config.items()):
+        raise UserError(f"{where}.session_config must map strings to strings")
+    return ModelForm(
+        file=safe_member_name(_get(data, "file", str, where), where),
+        backend=backend,
+        precision=precision,
+        mc=_get(data, "mc", bool, where, False),
+        packed_int4=_get(data, "packed_int4", bool, where, False),
+        opset=_get(data, "opset", int, where, 17),
+        ir_version=_get(data, "ir_version", int, where, 8),
+        inputs=list(inputs),
+        session_config=dict(config),
+    )
+
+
+def _parse_manifest(data: Any, source: str) -> Manifest:
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: not a JSON object")
+    fmt = data.get("format")
+    if fmt != FORMAT:
+        raise UserError(f"{source}: not an edgeseg bundle manifest (format {fmt!r}, expected {FORMAT!r})")
+    version = _get(data, "schema_version", int, source)
+    if version > SCHEMA_VERSION:
+        raise UserError(f"{source}: bundle schema version {version} is newer than this edgeseg "
+                        f"({__version__}) reads (<= {SCHEMA_VERSION}); upgrade edgeseg")
+    if version < 1:
+        raise UserError(f"{source}: invalid schema_version {version}")
+    spatial_dims = _get(data, "spatial_dims", int, source)
+    if spatial_dims not in (2, 3):
+        raise UserError(f"{source}: spatial_dims must be 2 or 3, got {spatial_dims}")
+    in_channels = _get(data, "in_channels", int, source)
+    if in_channels < 1:
+        raise UserError(f"{source}: in_channels must be >= 1, got {in_channels}")
+    class_names = _get(data, "class_names", list, source)
+    if not class_names or not all(isinstance(c, str) and c for c in class_names):
+        raise UserError(f"{source}: class_names must be a non-empty list of names")
+    tile = _int_list(data, "tile_size", source)
+    if len(tile) != spatial_dims:
+        raise UserError(f"{source}: tile_size {tile} needs {spatial_dims} values (spatial_dims)")
+    multiple = _get(data, "min_input_multiple", int, source)
+    if multiple < 1 or any(t % multiple for t in tile):
+        raise UserError(f"{source}: tile_size {tile} must be multiples of min_input_multiple {multiple}")
+    batch = _get(data, "batch", int, source, 1)
+    if batch < 1:
+        raise UserError(f"{source}: batch must be >= 1, got {batch}")
+    output_kind = _get(data, "output_kind", str, source, "logits")
+    if output_kind not in OUTPUT_KINDS:
+        raise UserError(f"{source}: output_kind must be one of {', '.join(OUTPUT_KINDS)}, got {output_kind!r}")
+    slice_axis = _get(data, "slice_axis", (int, type(None)), source, None)
+
+    files_raw = _get(data, "files", dict, source)
+    files: dict[str, FileEntry] = {}
+    for name, entry in files_raw.items():
+        safe_member_name(name, f"{source}: files")
+        if not isinstance(entry, dict):
+            raise UserError(f"{source}: files.{name} must be an object with sha256 and bytes")
+        digest = _get(entry, "sha256", str, f"{source}: files.{name}")
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise UserError(f"{source}: files.{name}.sha256 is not a lowercase hex SHA-256")
+        files[name] = FileEntry(sha256=digest, bytes=_get(entry, "bytes", int, f"{source}: files.{name}"))
+
+    forms_raw = _get(data, "forms", dict, source)
+    if not forms_raw:
+        raise UserError(f"{source}: the bundle has no model forms")
+    forms = {name: _parse_form(name, f, source) for name, f in forms_raw.items()}
+    for name, form in forms.items():
+        if form.file not in files:
+            raise UserError(f"{source}: forms.{name}.file {form.file!r} is not listed in files")
+
+    mc = _get(data, "mc_dropout", dict, source, {"available": False, "sites": []})
+    sites_raw = _get(mc, "sites", list, f"{source}: mc_dropout", [])
+    sites = []
+    for i, site in enumerate(sites_raw):
+        where = f"{source}: mc_dropout.sites[{i}]"
+        if not isinstance(site, dict):
+            raise UserError(f"{where} must be an object")
+        p = _get(site, "p", (int, float), where)
+        if not 0 < p < 1:
+            raise UserError(f"{where}.p must be within (0, 1), got {p}")
+        channels = _get(site, "channels", int, where)
+        if channels < 1:
+            raise UserError(f"{where}.channels must be >= 1")
+        sites.append(McSite(input=_get(site, "input", str, where), channels=channels, p=float(p)))
+    input_name = _get(data, "input_name", str, source, "image")
+    site_names = [s.input for s in sites]
+    for name, form in forms.items():
+        if form.mc and not sites:
+            raise UserError(f"{source}: forms.{name} takes MC dropout masks but mc_dropout.sites is empty")
+        expected = [input_name] + (site_names if form.mc else [])
+        if form.inputs != expected:
+            raise UserError(f"{source}: forms.{name}.inputs {form.inputs} do not match the model input "
+                            f"and MC mask inputs {expected}")
+    preprocess = _get(data, "preprocess", dict, source)
+    return Manifest(
+        spatial_dims=spatial_dims, in_channels=in_channels, class_names=list(class_names), tile_size=tile,
+        min_input_multiple=multiple, preprocess=dict(preprocess), forms=forms, files=files,
+        input_name=input_name, output_name=_get(data, "output_name", str, source, "logits"),
+        output_kind=output_kind, batch=batch, slice_axis=slice_axis,
+        training=dict(_get(data, "training", dict, source, {})), bits=dict(_get(data, "bits", dict, source, {})),
+        mc_sites=sites, sizes=dict(_get(data, "sizes", dict, source, {})),
+        parity=dict(_get(data, "parity", dict, source, {})), source=dict(_get(data, "source", dict, source, {})),
+        schema_version=version, edgeseg_version=_get(data, "edgeseg_version", str, source), format=FORMAT,
+    )
+
+
+# ------------------------------------------------------------------------------------- reading
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def is_archive(path: Path) -> bool:
+    return Path(path).suffix.lower() == ARCHIVE_SUFFIX
+
+
+class _Reader:
+    """Read named members of a bundle directory or `.zip` archive (never extracts anything)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise UserError(f"bundle not found: {self.path}")
+        self._zip: zipfile.ZipFile | None = None
+        if self.path.is_file():
+            try:
+                self._zip = zipfile.ZipFile(self.path)
+            except zipfile.BadZipFile:
+                raise UserError(f"{self.path}: not a bundle directory or .zip archive") from None
+        elif not self.path.is_dir():
+            raise UserError(f"{self.path}: not a bundle directory or .zip archive")
+
+    def read(self, name: str) -> bytes:
+        if self._zip is not None:
+            try:
+                return self._zip.read(name)
+            except KeyError:
+                raise UserError(f"{self.path}: {name} is missing from the bundle archive") from None
+            except (zipfile.BadZipFile, OSError) as exc:
+                raise UserError(f"{self.path}: cannot read {name} ({exc})") from None
+        file = self.path / name
+        if not file.is_file():
+            raise UserError(f"{self.path}: {name} is missing from the bundle")
+        return file.read_bytes()
+
+
+@dataclass
+class Bundle:
+    """A loaded, verified bundle. `model_bytes(form)` gives a self-contained ONNX model."""
+
+    path: Path
+    manifest: Manifest
+    _reader: _Reader
+
+    def read_file(self, name: str) -> bytes:
+        """A listed file's bytes, checked against the manifest's size and SHA-256 on every read."""
+        entry = self.manifest.files.get(name)
+        if entry is None:
+            raise UserError(f"{self.path}: {name} is not listed in the manifest")
+        data = self._reader.read(name)
+        if len(data) != entry.bytes or sha256_hex(data) != entry.sha256:
+            raise UserError(f"{self.path}: {name} does not match its SHA-256 in the manifest "
+                            f"(the bundle was modified or damaged); re-export it")
+        return data
+
+    def model_bytes(self, form_name: str) -> bytes:
+        """Serialized ONNX model of one form, weights inline, INT4 expanded to INT8, ready for ORT/TensorRT."""
+        form = self.manifest.form(form_name)
+        model = self.read_file(form.file)
+        cache: dict[str, bytes] = {}
+
+        def read_external(location: str, offset: int, length: int | None) -> bytes:
+            name = str(PurePosixPath(form.file).parent / location)  # relative to the model file
+            if name not in cache:
+                cache[name] = self.read_file(safe_member_name(name, f"{self.path}: {form.file}"))
+            data = cache[name]
+            end = len(data) if length is None else offset + length
+            if offset < 0 or end > len(data):
+                raise UserError(f"{self.path}: {form.file} points outside {name}")
+            return data[offset:end]
+
+        try:
+            return inline_model(model, read_external, expand_int4=form.packed_int4,
+                                opset=form.opset if form.packed_int4 else None,
+                                ir_version=form.ir_version if form.packed_int4 else None)
+        except WireError as exc:
+            raise UserError(f"{self.path}: {form.file} is not a readable ONNX model ({exc})") from None
+
+    def ort_session(self, form_name: str, *, threads: int | None = None, providers: list[str] | None = None,
+                    optimized_model_path: str | None = None) -> Any:
+        """An onnxruntime InferenceSession for one form (with the form's session config entries)."""
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        if optimized_model_path is not None:
+            options.optimized_model_filepath = optimized_model_path
+        for key, value in self.manifest.form(form_name).session_config.items():
+            options.add_session_config_entry(key, value)
+        return ort.InferenceSession(self.model_bytes(form_name), options,
+                                    providers=providers or ["CPUExecutionProvider"])
+
+
+def read_manifest(path: Path) -> Manifest:
+    """Parse and validate a bundle's manifest without checking file hashes."""
+    reader = _Reader(path)
+    return _manifest_from(reader)
+
+
+def _manifest_from(reader: _Reader) -> Manifest:
+    source = f"{reader.path}/{MANIFEST}" if reader._zip is None else f"{reader.path}:{MANIFEST}"
+    raw = reader.read(MANIFEST)
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{source}: not valid JSON ({exc})") from None
+    return Manifest.from_dict(data, source)
+
+
+def load_bundle(path: Path | str, *, verify: bool = True) -> Bundle:
+    """Open a bundle directory or `.zip`, validate its manifest and (by default) verify every file's hash."""
+    reader = _Reader(Path(path))
+    manifest = _manifest_from(reader)
+    try:
+        from edgeseg.data.preprocess import PreprocessSpec
+
+        PreprocessSpec.from_dict(manifest.preprocess)
+    except UserError as exc:
+        raise UserError(f"{reader.path}: manifest preprocess: {exc}") from None
+    bundle = Bundle(path=Path(path), manifest=manifest, _reader=reader)
+    if verify:
+        for name in manifest.files:
+            bundle.read_file(name)
+    return bundle
+
+
+def make_mc_masks(manifest: Manifest, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One random channel-dropout mask per MC site: 0 or 1/(1-p), float32. Shape: (batch, C, 1, ..., 1)."""
+    masks = {}
+    for site, shape in zip(manifest.mc_sites, manifest.mc_mask_shapes(batch).values()):
+        keep = rng.random(shape) >= site.p
+        masks[site.input] = (keep / (1.0 - site.p)).astype(np.float32)
+    return masks

@@ -25,13 +25,19 @@ def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor],
     was_training = model.training
     model.eval()
     seen = 0
+    last = None
     with calibration_mode(model):
         for batch in batches:
             model(batch)
+            last = batch
             seen += 1
             if on_batch is not None:
                 on_batch(seen)
-    model.train(was_training)
-    if seen == 0:
+    if last is None:
         raise ValueError("calibration needs at least one batch")
+    # One quantized forward materialises the learned weight-scale parameters brevitas creates
+    # lazily; without it a checkpoint saved right after calibration (quantize --epochs 0)
+    # lacks them and cannot be loaded again.
+    model(last)
+    model.train(was_training)
     return seen

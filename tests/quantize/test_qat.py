@@ -141,3 +141,29 @@ def test_quant_outputs_are_deterministic_after_reload(quant_run):
     x = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 1, 24, 24, 24)).astype(np.float32))
     with torch.no_grad():
         torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+
+
+def test_calibration_only_checkpoint_reloads(tmp_path):
+    """quantize --epochs 0: the twin saved right after calibration must load again (regression)."""
+    import torch
+
+    from edgeseg.quantize.bits import parse_bits
+    from edgeseg.quantize.calibrate import calibrate
+    from edgeseg.quantize.layers import QuantLayers
+    from edgeseg.nets import create_model
+    from edgeseg.train.checkpoint import load_weights, save_weights
+
+    def build():
+        torch.manual_seed(0)
+        layers = QuantLayers(2, parse_bits("4/6"), first_last=parse_bits("8/8"), overrides={}, norm="none",
+                             power_of_two=False, learned_weight_scales=True, signed_concat=False)
+        return create_model("unet", spatial_dims=2, in_channels=1, out_channels=2, depth=1, base_width=4,
+                            norm="none", layers=layers)
+
+    model = build()
+    calibrate(model, [torch.randn(2, 1, 16, 16) for _ in range(2)])
+    save_weights(tmp_path / "w.safetensors", model)
+    again = build()
+    load_weights(tmp_path / "w.safetensors", again)
+    x = torch.randn(1, 1, 16, 16)
+    assert torch.equal(model.eval()(x), again.eval()(x))

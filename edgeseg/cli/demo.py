@@ -34,6 +34,9 @@ DEMO_SETTINGS = [
 ]
 
 
+DEMO_QAT_EPOCHS = 3
+
+
 def demo_config(data: Path | None = None) -> ExperimentConfig:
     settings = list(DEMO_SETTINGS)
     if data is not None:
@@ -49,6 +52,8 @@ def shipped_configs() -> list[Path]:
 def run_demo(out: Path, *, data: Path | None, overwrite: bool, console: Console) -> None:
     from edgeseg.atomic import write_json
     from edgeseg.cli.tables import metrics_table
+    from edgeseg.export.run_export import export_run
+    from edgeseg.quantize.qat import quantize_run
     from edgeseg.train.experiment import evaluate_run, train_experiment
 
     if out.exists() and any(out.iterdir()):
@@ -59,15 +64,23 @@ def run_demo(out: Path, *, data: Path | None, overwrite: bool, console: Console)
         raise UserError(f"data folder not found: {data}")
     started = time.monotonic()
     cfg = demo_config(data)
-    run_dir = out / "float_run"
-    console.rule("1/2 train a float 3D U-Net")
+    run_dir, qrun_dir = out / "float_run", out / "quant_4w6a_run"
+    float_bundle, quant_bundle = out / "bundle_fp32", out / "bundle_4w6a"
+    console.rule("1/4 train a float 3D U-Net")
     train_experiment(cfg, run_dir, console=console)
-    console.rule("2/2 evaluate on the test split")
+    console.rule("2/4 evaluate on the test split")
     result = evaluate_run(run_dir, data=None, split="test", console=console)
     metrics_path = out / "float_test_metrics.json"
     write_json(metrics_path, result)
     console.print(metrics_table(result["summary"], title="float model, test split"))
+    console.rule("3/4 quantization-aware training to 4-bit weights / 6-bit activations")
+    quantize_run(run_dir, "4/6", qrun_dir, epochs=DEMO_QAT_EPOCHS, console=console)
+    console.rule("4/4 export both models to bundles")
+    for run, bundle in ((run_dir, float_bundle), (qrun_dir, quant_bundle)):
+        exported = export_run(run, bundle)
+        for line in exported.summary:
+            console.print(f"  {line}")
     console.rule("demo finished")
     console.print(f"in {(time.monotonic() - started) / 60:.1f} min; wrote:")
-    for path in (run_dir, metrics_path):
+    for path in (run_dir, metrics_path, qrun_dir, qrun_dir / "metrics.json", float_bundle, quant_bundle):
         console.print(f"  {path}")

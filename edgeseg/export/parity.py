@@ -42,6 +42,8 @@ class Difference:
     max_abs: float  # max |actual - reference| in logits
     differing_fraction: float  # fraction of elements that are not bit-identical
     max_steps: float | None = None  # max |difference| in output quantization steps (quantized heads)
+    label_agreement: float = 1.0  # fraction of voxels whose argmax class is the same
+    logit_range: float = 0.0  # max - min of the reference logits
 
     def to_dict(self) -> dict[str, float | None]:
         return asdict(self)
@@ -56,9 +58,11 @@ def difference(actual: np.ndarray, reference: np.ndarray, step: np.ndarray | Non
     if step is not None:
         view = step.reshape((1, -1) + (1,) * (diff.ndim - 2)).astype(np.float64)
         steps = float((diff / view).max()) if diff.size else 0.0
+    agreement = float(np.mean(actual.argmax(1) == reference.argmax(1))) if diff.size else 1.0
     return Difference(max_abs=float(diff.max()) if diff.size else 0.0,
                       differing_fraction=float(np.mean(actual != reference)) if diff.size else 0.0,
-                      max_steps=steps)
+                      max_steps=steps, label_agreement=agreement,
+                      logit_range=float(reference.max() - reference.min()) if diff.size else 0.0)
 
 
 def output_step(model: onnx.ModelProto) -> np.ndarray | None:

@@ -41,6 +41,8 @@ from edgeseg.runtime.bundle import Manifest, McSite, ModelForm, load_bundle
 
 FLOAT_TOLERANCE = 1e-4  # max |delta logit| between ONNX Runtime and PyTorch, float32
 QUANT_STEP_TOLERANCE = 1.0  # output quantization steps between the QCDQ graph and brevitas
+LABEL_AGREEMENT_TOLERANCE = 0.995  # ... or labels this similar (see _within)
+LOGIT_RANGE_TOLERANCE = 0.02  # ... with logits within this fraction of their range
 TARGETS = ("onnx", "tensorrt")
 FORM_FILES = {"float": "model.onnx", "cpu_int8": "model_cpu.onnx", "trt": "model_trt.onnx", "mc": "model_mc.onnx"}
 
@@ -84,7 +86,8 @@ def _gate(ok: bool, message: str) -> None:
 
 def _fmt(d: Difference) -> str:
     steps = "" if d.max_steps is None else f", {d.max_steps:.3g} output steps"
-    return f"max |delta| {d.max_abs:.2e}{steps}, {100 * d.differing_fraction:.2f}% of logits not bit-identical"
+    return (f"max |delta| {d.max_abs:.2e}{steps}, {100 * d.differing_fraction:.2f}% of logits not bit-identical, "
+            f"labels agree on {100 * d.label_agreement:.3f}% of voxels")
 
 
 def _dtype_names(model: onnx.ModelProto) -> dict[str, list[str]]:
@@ -164,8 +167,22 @@ class _Forms:
 
 
 def _within(d: Difference) -> bool:
-    """Quantized parity gate: one output step where the step is known, else the float tolerance."""
-    return d.max_steps <= QUANT_STEP_TOLERANCE if d.max_steps is not None else d.max_abs <= FLOAT_TOLERANCE
+    """Quantized parity gate: one output step where the step is known, else the float tolerance; or,
+    failing that, the same labels on >= LABEL_AGREEMENT_TOLERANCE of the voxels with logits within
+    LOGIT_RANGE_TOLERANCE of their range.
+
+    Why the second criterion: ONNX Runtime and PyTorch sum a convolution's float products in different
+    orders, so a pre-activation lying almost exactly between two quantization levels can round to
+    different levels; one flipped intermediate step then moves downstream logits by many output steps.
+    Seen on trained, batch-norm-folded U-Nets (e.g. 164 steps = 2.3e-3 logits, 0.1% labels changed),
+    never on the random-weight test models. The measured numbers are always reported.
+    """
+    if d.max_steps is not None and d.max_steps <= QUANT_STEP_TOLERANCE:
+        return True
+    if d.max_steps is None and d.max_abs <= FLOAT_TOLERANCE:
+        return True
+    return (d.label_agreement >= LABEL_AGREEMENT_TOLERANCE
+            and d.max_abs <= LOGIT_RANGE_TOLERANCE * max(d.logit_range, 1e-12))
 
 
 def _float_forms(model: nn.Module, inputs: list[torch.Tensor], reference: list[np.ndarray], spatial_dims: int,

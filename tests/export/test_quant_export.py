@@ -165,3 +165,21 @@ def test_unsigned_8bit_models_get_cpu_forms_only(kit):
     assert result.manifest.bits["weights_at_rest"] == "int8"
     with pytest.raises(UserError, match="no tensorrt form"):
         result.manifest.pick_form("tensorrt")
+
+
+def test_parity_gate_accepts_rounding_flips_but_not_label_changes():
+    """_within: a flipped requantization rounding (many output steps, same labels) passes; changed labels fail."""
+    import numpy as np
+
+    from edgeseg.export.parity import difference
+    from edgeseg.export.run_export import _within
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(1, 3, 8, 8, 8)).astype(np.float32) * 5
+    step = np.full(3, 1e-3, np.float32)
+    nudged = reference.copy()
+    nudged[0, 0, 0, 0, 0] += 0.05  # 50 output steps, 1% of the logit range, labels almost all equal
+    assert _within(difference(nudged, reference, step))
+    swapped = reference[:, ::-1].copy()  # every label changes
+    assert not _within(difference(swapped, reference, step))
+    assert _within(difference(reference + 5e-4, reference, step))  # within one step

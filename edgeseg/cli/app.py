@@ -111,11 +111,13 @@ def _register_stage_commands() -> None:
     """Stage commands live in their own modules (each imports its heavy dependencies lazily)."""
     from edgeseg.cli.export_cmd import build_engine, bundle, export
     from edgeseg.cli.quantize_cmd import quantize
+    from edgeseg.cli.report_cmd import report
 
     app.command()(quantize)
     app.command()(export)
     app.command()(bundle)
     app.command("build-engine")(build_engine)
+    app.command()(report)
 
 
 _register_stage_commands()

@@ -1,0 +1,1 @@
+"""Accuracy / memory / latency trade-off report over bit-width settings (`edgeseg report`)."""

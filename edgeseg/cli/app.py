@@ -50,20 +50,30 @@ def train(
 
 @app.command()
 def evaluate(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory from `edgeseg train`.")],
-    data: Annotated[Optional[Path], typer.Option("--data", help="Dataset folder (default: the run's).")] = None,
+    run_dir: Annotated[Path, typer.Argument(help="A run directory from `edgeseg train`, or a bundle (runtime evaluation).")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="Dataset folder (default: the run's; required for a bundle).")] = None,
     split: Annotated[str, typer.Option("--split", help="train, val or test.")] = "test",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write per-case and mean metrics here.")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda (run directories).")] = "auto",
+    include_background: Annotated[bool, typer.Option("--include-background", help="Also score class 0 (bundles).")] = False,
 ) -> None:
-    """Per-case and mean metrics of a trained model on a data split."""
+    """Per-case and mean metrics on a data split: of a trained model, or of a bundle through the device runtime."""
     from edgeseg.atomic import write_json
     from edgeseg.cli.tables import metrics_table
-    from edgeseg.train.experiment import evaluate_run
+    from edgeseg.runtime.evaluate_bundle import is_bundle_path
 
-    if not run_dir.is_dir():
-        raise UserError(f"run directory not found: {run_dir}")
-    result = evaluate_run(run_dir, data=data, split=split, console=console, device=device)
+    if not run_dir.exists():
+        raise UserError(f"run directory or bundle not found: {run_dir}")
+    if is_bundle_path(run_dir):
+        from edgeseg.runtime.evaluate_bundle import evaluate_bundle
+
+        if data is None:
+            raise UserError("evaluating a bundle needs --data DATASET_FOLDER")
+        result = evaluate_bundle(run_dir, data, split, include_background=include_background)
+    else:
+        from edgeseg.train.experiment import evaluate_run
+
+        result = evaluate_run(run_dir, data=data, split=split, console=console, device=device)
     console.print(metrics_table(result["summary"], title=f"{run_dir} — {split} ({len(result['cases'])} cases)"))
     if json_out is not None:
         write_json(json_out, result)
@@ -112,11 +122,13 @@ def _register_stage_commands() -> None:
     from edgeseg.cli.export_cmd import build_engine, bundle, export
     from edgeseg.cli.quantize_cmd import quantize
     from edgeseg.cli.report_cmd import report
+    from edgeseg.cli.segment_cmd import segment
 
     app.command()(quantize)
     app.command()(export)
     app.command()(bundle)
     app.command("build-engine")(build_engine)
+    app.command()(segment)
     app.command()(report)
 
 

@@ -1,9 +1,15 @@
-"""Flip test-time augmentation inside the tile pass.
+"""Flip test-time augmentation inside the tile pass; numpy only.
 
 Each tile batch is predicted once per flip set (flip the tiles, predict, flip the outputs back),
 and the samples are returned side by side as channels, so the tiler blends every sample exactly
-as it blends a single prediction and the caller reduces them slab by slab (mean probabilities,
-per-sample labels for uncertainty) without S full-volume copies.
+as it blends a single prediction. The caller then reduces each finished slab (`reduce_samples`:
+mean probabilities and per-sample argmax labels) and never holds S float copies of the volume:
+memory is S x C_out channels of one slab while tiling, then S bytes per voxel of per-sample labels
+(what structure-wise uncertainty needs) plus the mean.
+
+Where the tile placement is mirror-symmetric (even steps that need no rounding) this equals the
+usual whole-volume TTA, mean_f flip(tiler(flip(x, f)), f), because the Gaussian map is symmetric;
+otherwise tiles sit up to one voxel differently, as they would for any tiler.
 """
 
 from __future__ import annotations
@@ -18,8 +24,11 @@ from edgeseg.runtime.tiling import Predictor
 
 
 def flip_sets(spatial_dims: int, axes: Sequence[int] | None = None) -> list[tuple[int, ...]]:
-    """All subsets of the spatial `axes` (default: all), identity first: 2**len(axes) flip sets."""
-    axes = tuple(range(spatial_dims)) if axes is None else tuple(axes)
+    """All subsets of the spatial `axes` (default: all), identity first: 2**len(axes) flip sets.
+
+    Axes are spatial (0 = first spatial axis), ordered by subset size then lexicographically.
+    """
+    axes = tuple(range(spatial_dims)) if axes is None else tuple(int(a) for a in axes)
     bad = [a for a in axes if not 0 <= a < spatial_dims]
     if bad or len(set(axes)) != len(axes):
         raise UserError(f"TTA axes {list(axes)} must be distinct spatial axes in 0..{spatial_dims - 1}")
@@ -27,23 +36,44 @@ def flip_sets(spatial_dims: int, axes: Sequence[int] | None = None) -> list[tupl
 
 
 def flip(batch: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
-    """Flip spatial `axes` of a (B, C, *S) batch; its own inverse."""
+    """Apply a flip set to the spatial `axes` of a (B, C, *S) batch (a view).
+
+    A flip is its own inverse, so the same call undoes it: flip(flip(x, f), f) == x.
+    """
     return np.flip(batch, axis=tuple(a + 2 for a in axes)) if axes else batch
+
+
+undo_flip = flip  # named for readability where an output is flipped back
 
 
 def tta_predictor(predict: Predictor, flips: Sequence[tuple[int, ...]]) -> Predictor:
     """Predictor returning every flip's (un-flipped) output stacked on the channel axis.
 
-    Shape: (B, C_in, *T) -> (B, S * C_out, *T), sample s occupying channels [s*C_out, (s+1)*C_out).
+    Shape: (B, C_in, *T) -> (B, S * C_out, *T), sample s (flip set flips[s]) in channels
+    [s*C_out, (s+1)*C_out). Each flip is one `predict` call on the same batch size.
     """
+    if not flips:
+        raise UserError("TTA needs at least one flip set (the identity is ())")
 
     def run(batch: np.ndarray) -> np.ndarray:
-        outs = [flip(np.asarray(predict(np.ascontiguousarray(flip(batch, f)))), f) for f in flips]
+        outs = [undo_flip(np.asarray(predict(np.ascontiguousarray(flip(batch, f)))), f) for f in flips]
         return np.concatenate(outs, axis=1)
 
     return run
 
 
 def split_samples(block: np.ndarray, num_samples: int) -> np.ndarray:
-    """(S * C, *X) -> (S, C, *X)."""
+    """Separate the samples stacked on the channel axis (a view). Shape: (S * C, *X) -> (S, C, *X)."""
+    if num_samples < 1 or block.shape[0] % num_samples:
+        raise ValueError(f"{block.shape[0]} channels do not split into {num_samples} samples")
     return block.reshape(num_samples, block.shape[0] // num_samples, *block.shape[1:])
+
+
+def reduce_samples(block: np.ndarray, num_samples: int, label_dtype: type = np.uint8) -> tuple[np.ndarray, np.ndarray]:
+    """Mean probabilities and each sample's argmax labels of one blended slab.
+
+    Shape: block (S * C, *X) float32 -> mean (C, *X) float32, labels (S, *X) `label_dtype`.
+    """
+    samples = split_samples(block, num_samples)
+    mean = samples[0].astype(np.float32) if num_samples == 1 else samples.mean(axis=0, dtype=np.float32)
+    return mean, samples.argmax(axis=1).astype(label_dtype)

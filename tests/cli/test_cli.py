@@ -61,7 +61,7 @@ def test_missing_data_folder(tmp_path):
 
 def test_evaluate_not_a_run(tmp_path):
     assert_user_error(run_cli("evaluate", tmp_path), "not an edgeseg run directory")
-    assert_user_error(run_cli("evaluate", tmp_path / "missing"), "run directory not found")
+    assert_user_error(run_cli("evaluate", tmp_path / "missing"), "run directory or bundle not found")
 
 
 def test_demo_config_file_matches_builtin():

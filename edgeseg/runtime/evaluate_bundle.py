@@ -1,0 +1,120 @@
+"""`edgeseg evaluate BUNDLE`: metrics of what the device delivers (torch-free).
+
+Every case of the split goes through the same code as `edgeseg segment` (`pipeline.prepare`,
+`segment_prepared`: the bundle's preprocessing, tiler, backend and form) and is scored on the
+input's own grid against its label (label_map of the manifest applied) with `edgeseg.metrics`,
+exactly as `edgeseg evaluate RUN` scores a run. The result has the same shape as that command's
+({"cases": {name: {class: metrics}}, "summary": aggregate(...)}), plus how it was produced.
+"""
+
+from __future__ import annotations
+
+import time
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from edgeseg.data.discovery import discover_cases, load_splits
+from edgeseg.data.io import read_image, read_label
+from edgeseg.data.preprocess import PreprocessSpec, remap_labels
+from edgeseg.errors import UserError, unknown_name
+from edgeseg.metrics import aggregate, case_metrics
+from edgeseg.runtime.pipeline import OnBatch, check_options, prepare, segment_prepared
+
+SPLIT_CHOICES = ("train", "val", "test", "all")
+
+
+def is_bundle_path(path: Path | str) -> bool:
+    """True for a bundle directory (holds manifest.json) or a bundle .zip; False for a run directory."""
+    from edgeseg.runtime.bundle import MANIFEST, is_archive
+
+    path = Path(path)
+    return (path.is_dir() and (path / MANIFEST).is_file()) or (path.is_file() and is_archive(path))
+
+
+def evaluate_bundle(
+    bundle_path: Path | str,
+    data: Path | str,
+    split: str = "test",
+    *,
+    layout: str = "auto",
+    splits_file: str | None = "splits.json",
+    seed: int = 0,
+    include_background: bool = False,
+    backend: str = "auto",
+    tta: bool = False,
+    tta_axes: Sequence[int] | None = None,
+    mc_passes: int = 0,
+    overlap: float = 0.5,
+    batch_size: int | None = None,
+    blend: str = "gaussian",
+    tile: Sequence[int] | None = None,
+    threads: int | None = None,
+    on_start: Callable[[str, int], None] | None = None,
+    on_batch: OnBatch | None = None,
+    on_case: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Per-case and summary metrics of a bundle on a split of a dataset folder.
+
+    The split comes from `data/splits_file` (or the seeded 70/15/15 split `edgeseg train` uses when
+    the file is absent); "all" scores every labelled case. Unlabelled cases are skipped.
+    """
+    from edgeseg.runtime.backends import open_backend
+    from edgeseg.runtime.bundle import load_bundle
+
+    if split not in SPLIT_CHOICES:
+        raise unknown_name("split", split, SPLIT_CHOICES)
+    bundle = load_bundle(bundle_path)
+    manifest = bundle.manifest
+    batch = manifest.batch if batch_size is None else batch_size
+    if tta_axes is None and tta:
+        tta_axes = list(range(manifest.spatial_dims))
+    tile = check_options(manifest, tta_axes=tta_axes, mc_passes=mc_passes, overlap=overlap, batch_size=batch,
+                         blend=blend, tile=tile)
+    root = Path(data)
+    cases = discover_cases(root, layout)
+    if split == "all":
+        refs = [c for c in cases if c.label is not None]
+    else:
+        refs = [c for c in load_splits(root, splits_file, cases, seed=seed).get(split, []) if c.label is not None]
+    if not refs:
+        raise UserError(f"{root}: no labelled cases in the '{split}' split")
+    spec = PreprocessSpec.from_dict(manifest.preprocess)
+    class_names = list(manifest.class_names)
+    engine = open_backend(bundle, backend, mc=mc_passes > 0, threads=threads, batch_size=batch, tile=tile)
+    if on_start is not None:
+        on_start(engine.description, len(refs))
+    per_case: dict[str, Any] = {}
+    seconds: list[float] = []  # wall time per volume: preprocessing + tiled inference + postprocessing
+    try:
+        for ref in refs:
+            image = read_image(list(ref.images))
+            label = read_label(ref.label, image)  # type: ignore[arg-type]  # refs are labelled
+            reference = remap_labels(label.array, spec.label_map, len(class_names))
+            del label
+            started = time.perf_counter()
+            prepared = prepare(image, manifest, str(ref.images[0]))
+            original = prepared.original
+            del image
+            seg = segment_prepared(prepared, manifest, engine, tta_axes=tta_axes, mc_passes=mc_passes,
+                                   overlap=overlap, batch_size=batch, blend=blend, tile=tile, on_batch=on_batch)
+            seconds.append(time.perf_counter() - started)
+            per_case[ref.name] = case_metrics(seg.labels, reference, original.spacing, class_names,
+                                              include_background=include_background)
+            if on_case is not None:
+                on_case(ref.name)
+    finally:
+        engine.close()
+    return {
+        "cases": per_case,
+        "summary": aggregate(list(per_case.values())),
+        "bundle": str(bundle_path),
+        "backend": engine.description,
+        "split": split,
+        "data": str(root),
+        "seconds_per_case": seconds,
+        "settings": {"tile": tile, "overlap": overlap, "blend": blend, "batch_size": batch,
+                     "tta_axes": None if tta_axes is None else list(tta_axes), "mc_passes": mc_passes,
+                     "include_background": include_background},
+    }

@@ -1,0 +1,573 @@
+"""Segment volumes with a bundle: what `edgeseg segment` and bundle evaluation run (torch-free).
+
+Per volume: read -> preprocess exactly as the manifest says (reorient, normalise, resample;
+`edgeseg.data.preprocess`) -> tiled inference (`tiling.iter_slabs`: even tile steps, Gaussian or
+constant blending of softmax probabilities, as training-time evaluation does) -> per-slab
+reduction -> back onto the input's grid (`undo_spatial`) -> optional uncertainty figures and
+removal of unstable structures -> atomic writes with the input's affine and header.
+
+Samples: S = F x N, with F flip sets (`tta.flip_sets`, identity included) and N Monte Carlo
+dropout passes (N = 1 without MC). All S run inside the same tile pass: each tile batch is
+predicted under every flip and every MC mask set, so no sample needs a full-volume copy. An MC
+pass keeps its dropout masks for every tile of the volume (one coherent draw of the network,
+as dropout on the whole volume would be); the masks come from `bundle.make_mc_masks` with a
+seeded generator, so a run is reproducible. Without uncertainty outputs the samples are averaged
+per tile before blending (blending is linear, so this equals averaging blended samples) and the
+accumulator holds K channels; with them it holds S x K.
+
+Peak memory: the preprocessed input, one tile-deep slab of accumulators (K or S x K channels;
+`tiling.iter_slabs`), the outputs on the preprocessed grid (labels uint8; probabilities and
+entropy float32 and S per-sample label maps uint8 only when asked for) and their copies on the
+input grid. The input as read is released once it is preprocessed (only its geometry is kept).
+
+Labels are the argmax of the mean probability on the model's grid, mapped back nearest-neighbour
+(as `edgeseg evaluate` scores runs, so bundle and run evaluation agree); probabilities and the
+entropy map are mapped back linearly. Output labels are class indices (0 = class_names[0]).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.special import softmax
+
+from edgeseg.data.io import (
+    IMAGE_SUFFIXES,
+    Volume,
+    file_suffix,
+    is_image_file,
+    read_image,
+    strip_suffix,
+    write_label,
+    write_map,
+)
+from edgeseg.data.preprocess import PreprocessSpec, preprocess_case, undo_spatial
+from edgeseg.errors import UserError
+from edgeseg.runtime.backends import Backend
+from edgeseg.runtime.bundle import Manifest, make_mc_masks
+from edgeseg.runtime.tiling import BLEND_MODES, Predictor, iter_slabs, sliding_window_probabilities
+from edgeseg.runtime.tta import flip_sets, split_samples, tta_predictor
+from edgeseg.runtime.uncertainty import (
+    case_summary,
+    entropy_map,
+    remove_uncertain_structures,
+    structure_uncertainty,
+)
+
+DEFAULT_SLICE_AXIS = 2  # 2D models on 3D volumes without a manifest slice_axis: axial planes of the RAS grid
+OnBatch = Callable[[int, int], None]
+
+
+# ------------------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Which samples each tile is predicted under: flip sets x MC mask sets."""
+
+    flips: list[tuple[int, ...]] = field(default_factory=lambda: [()])
+    mc_masks: list[dict[str, np.ndarray]] = field(default_factory=list)  # one mask set per MC pass; each (1, C, 1...)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.flips) * max(len(self.mc_masks), 1)
+
+    @property
+    def sources(self) -> dict[str, int]:
+        return {"tta_flips": len(self.flips), "mc_passes": max(len(self.mc_masks), 1)}
+
+
+def make_sampling(manifest: Manifest, *, tta_axes: Sequence[int] | None, mc_passes: int,
+                  rng: np.random.Generator) -> Sampling:
+    """Flip sets over `tta_axes` (None: no TTA) and `mc_passes` MC mask sets drawn from `rng`."""
+    flips: list[tuple[int, ...]] = [()] if tta_axes is None else flip_sets(manifest.spatial_dims, tta_axes)
+    masks = [make_mc_masks(manifest, 1, rng) for _ in range(mc_passes)]
+    return Sampling(flips=flips, mc_masks=masks)
+
+
+def check_options(manifest: Manifest, *, tta_axes: Sequence[int] | None = None, mc_passes: int = 0,
+                  uncertainty: bool = False, overlap: float = 0.5, batch_size: int = 1, blend: str = "gaussian",
+                  tile: Sequence[int] | None = None, iou_threshold: float | None = None) -> list[int]:
+    """Validate the segmentation options against the bundle; returns the tile to use."""
+    if not 0.0 <= overlap < 1.0:
+        raise UserError(f"--overlap must be within [0, 1), got {overlap}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if blend not in BLEND_MODES:
+        from edgeseg.errors import unknown_name
+
+        raise unknown_name("blend mode", blend, BLEND_MODES)
+    if mc_passes < 0:
+        raise UserError(f"--mc must be >= 0 (number of Monte Carlo dropout passes), got {mc_passes}")
+    if mc_passes and not manifest.mc_available:
+        raise UserError("--mc: this bundle has no Monte Carlo dropout form (export a model trained with "
+                        "model.dropout > 0)")
+    if tta_axes is not None:
+        if not len(tta_axes):
+            raise UserError("--tta-axes needs at least one axis")
+        flip_sets(manifest.spatial_dims, tta_axes)  # validates the axes
+    samples = (1 if tta_axes is None else 2 ** len(tta_axes)) * max(mc_passes, 1)
+    if (uncertainty or iou_threshold is not None) and samples < 2:
+        raise UserError("uncertainty needs several samples: add --tta and/or --mc N (N >= 2)")
+    if iou_threshold is not None and not 0.0 <= iou_threshold <= 1.0:
+        raise UserError(f"--iou-threshold must be within [0, 1], got {iou_threshold}")
+    tile = list(manifest.tile_size if tile is None else tile)
+    if len(tile) != manifest.spatial_dims:
+        raise UserError(f"--tile {tile} needs {manifest.spatial_dims} values for this {manifest.spatial_dims}D model")
+    if any(t < 1 or t % manifest.min_input_multiple for t in tile):
+        raise UserError(f"--tile {tile} must be positive multiples of {manifest.min_input_multiple} "
+                        f"(the model's min_input_multiple)")
+    return tile
+
+
+# ------------------------------------------------------------------------------------- predictors
+
+
+def model_predictor(backend: Backend, manifest: Manifest, sampling: Sampling, *, keep_samples: bool) -> Predictor:
+    """Tile batch -> class probabilities under every sample, or their mean.
+
+    Shape: (B, C_in, *T) -> (B, S * K, *T) with keep_samples (sample s in channels [s*K, (s+1)*K),
+    s = flip index * N + MC pass), else (B, K, *T).
+    """
+    num_classes = len(manifest.class_names)
+
+    def probabilities(batch: np.ndarray, masks: dict[str, np.ndarray] | None) -> np.ndarray:
+        out = backend.run(batch, masks)
+        if out.shape[1] != num_classes:
+            raise UserError(f"the model returns {out.shape[1]} channels but the bundle lists {num_classes} classes")
+        if manifest.output_kind == "logits":
+            out = softmax(out, axis=1)
+        return out.astype(np.float32, copy=False)
+
+    def mc(batch: np.ndarray) -> np.ndarray:
+        if not sampling.mc_masks:
+            return probabilities(batch, None)
+        outs = [probabilities(batch, {k: np.repeat(v, len(batch), axis=0) for k, v in masks.items()})
+                for masks in sampling.mc_masks]
+        return np.concatenate(outs, axis=1)
+
+    predict: Predictor = mc if sampling.flips == [()] else tta_predictor(mc, sampling.flips)
+    if keep_samples or sampling.num_samples == 1:
+        return predict
+    count = sampling.num_samples
+
+    def mean(batch: np.ndarray) -> np.ndarray:
+        out = predict(batch)
+        return out.reshape(len(out), count, num_classes, *out.shape[2:]).mean(axis=1)
+
+    return mean
+
+
+# ------------------------------------------------------------------------------------- the model's grid
+
+
+@dataclass
+class GridOutputs:
+    """Predictions on the preprocessed (model) grid P.
+
+    Shape: labels (*P) uint8/uint16; probabilities (K, *P) float32; entropy (*P) float32;
+    sample_labels (S, *P) uint8/uint16 (argmax of each sample).
+    """
+
+    labels: np.ndarray
+    probabilities: np.ndarray | None = None
+    entropy: np.ndarray | None = None
+    sample_labels: np.ndarray | None = None
+
+
+def label_dtype(num_classes: int) -> type:
+    return np.uint8 if num_classes <= 256 else np.uint16
+
+
+def _blocks(image: np.ndarray, predict: Predictor, *, model_dims: int, slice_axis: int, tile: Sequence[int],
+            overlap: float, batch_size: int, blend: str,
+            on_batch: OnBatch | None) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
+    """(spatial index, blended block (channels, *region)) covering the image in order.
+
+    3D model (or 2D model on a 2D image): the tiler's slabs along the first axis. 2D model on a
+    3D volume: one plane at a time along `slice_axis`, each tiled in 2D.
+    """
+    if image.ndim - 1 == model_dims:
+        for z0, z1, block in iter_slabs(image, predict, tile, overlap=overlap, batch_size=batch_size, blend=blend,
+                                        on_batch=on_batch):
+            yield (slice(z0, z1),), block
+        return
+    planes = image.shape[slice_axis + 1]
+    for i in range(planes):
+        plane = np.ascontiguousarray(np.take(image, i, axis=slice_axis + 1))
+        progress = None if on_batch is None else (lambda done, total, i=i: on_batch(i * total + done, planes * total))
+        probs = sliding_window_probabilities(plane, predict, tile, overlap=overlap, batch_size=batch_size, blend=blend,
+                                             on_batch=progress)
+        index = [slice(None)] * 3
+        index[slice_axis] = slice(i, i + 1)
+        yield tuple(index), np.expand_dims(probs, slice_axis + 1)
+
+
+def predict_on_grid(image: np.ndarray, predict: Predictor, *, num_classes: int, num_samples: int, model_dims: int,
+                    tile: Sequence[int], slice_axis: int = DEFAULT_SLICE_AXIS, overlap: float = 0.5,
+                    batch_size: int = 1, blend: str = "gaussian", keep_probabilities: bool = False,
+                    keep_uncertainty: bool = False, on_batch: OnBatch | None = None) -> GridOutputs:
+    """Run the tiled predictor over a preprocessed image and reduce it slab by slab.
+
+    `predict` returns num_samples x num_classes channels (1 x K when samples are averaged per tile).
+    Shape: image (C, *P) -> GridOutputs on P.
+    """
+    spatial = image.shape[1:]
+    dtype = label_dtype(num_classes)
+    out = GridOutputs(labels=np.zeros(spatial, dtype))
+    if keep_probabilities:
+        out.probabilities = np.zeros((num_classes, *spatial), np.float32)
+    if keep_uncertainty:
+        out.entropy = np.zeros(spatial, np.float32)
+        out.sample_labels = np.zeros((num_samples, *spatial), dtype)
+    for index, block in _blocks(image, predict, model_dims=model_dims, slice_axis=slice_axis, tile=tile,
+                                overlap=overlap, batch_size=batch_size, blend=blend, on_batch=on_batch):
+        samples = split_samples(block, num_samples)  # (S, K, *region)
+        mean = samples[0] if num_samples == 1 else samples.mean(axis=0)
+        out.labels[index] = mean.argmax(axis=0)
+        if out.probabilities is not None:
+            out.probabilities[(slice(None), *index)] = mean
+        if out.entropy is not None and out.sample_labels is not None:
+            out.entropy[index] = entropy_map(mean)
+            out.sample_labels[(slice(None), *index)] = samples.argmax(axis=1)
+    return out
+
+
+# ------------------------------------------------------------------------------------- one volume
+
+
+@dataclass
+class Prepared:
+    """A volume on the model's grid, and the input's geometry (its voxels released)."""
+
+    image: np.ndarray  # (C, *P) float32
+    original: Volume  # the input's affine, header, spacing; array is a zero-stride placeholder of its shape
+
+
+def geometry_only(volume: Volume) -> Volume:
+    """`volume` without its voxels: a zero-stride array of the same shape (no memory)."""
+    placeholder = np.broadcast_to(np.zeros((), np.float32), volume.array.shape)
+    return Volume(placeholder, volume.affine, volume.spacing, volume.header)
+
+
+def prepare(volume: Volume, manifest: Manifest, source: str = "input") -> Prepared:
+    """Check channels and dimensionality against the bundle, then preprocess as its manifest says."""
+    channels, ndim = volume.array.shape[0], volume.array.ndim - 1
+    if channels != manifest.in_channels:
+        raise UserError(f"{source}: {channels} channel(s), but the bundle's model takes {manifest.in_channels}")
+    if ndim < manifest.spatial_dims:
+        raise UserError(f"{source}: a {ndim}D image, but the bundle's model is {manifest.spatial_dims}D")
+    spec = PreprocessSpec.from_dict(manifest.preprocess)
+    if spec.target_spacing is not None and len(spec.target_spacing) != ndim:
+        raise UserError(f"{source}: a {ndim}D image, but the bundle resamples to {len(spec.target_spacing)}D "
+                        f"spacing {list(spec.target_spacing)}")
+    image, _, _ = preprocess_case(volume, None, spec)
+    return Prepared(image=image, original=geometry_only(volume))
+
+
+@dataclass
+class Segmentation:
+    """One volume's results on the input's grid S.
+
+    Shape: labels (*S) uint8/uint16 class indices; probabilities (K, *S) float32 mean
+    probabilities; uncertainty (*S) float32 entropy of the mean probability (nats).
+    """
+
+    labels: np.ndarray
+    probabilities: np.ndarray | None
+    uncertainty: np.ndarray | None
+    structures: list[dict[str, Any]] | None  # uncertainty.structure_uncertainty records (+ "removed")
+    removed: int
+    sampling: Sampling
+
+    def class_volumes_mm3(self, spacing: Sequence[float], class_names: Sequence[str]) -> dict[str, float]:
+        counts = np.bincount(self.labels.ravel(), minlength=len(class_names))
+        voxel = float(np.prod(spacing))
+        return {name: float(counts[i] * voxel) for i, name in enumerate(class_names)}
+
+
+def finish(grid: GridOutputs, original: Volume, manifest: Manifest, sampling: Sampling, *,
+           iou_threshold: float | None = None) -> Segmentation:
+    """Map grid outputs back onto the input's grid; structure uncertainty and removal there (mm³ of the input)."""
+    spec = PreprocessSpec.from_dict(manifest.preprocess)
+    labels = undo_spatial(grid.labels, spec, original)
+    probs = None if grid.probabilities is None else undo_spatial(grid.probabilities, spec, original)
+    entropy = None if grid.entropy is None else undo_spatial(grid.entropy[None], spec, original)[0]
+    structures, removed = None, 0
+    if grid.sample_labels is not None and entropy is not None:
+        samples = np.stack([undo_spatial(s, spec, original) for s in grid.sample_labels])
+        structures = structure_uncertainty(labels, samples, entropy, original.spacing, manifest.class_names)
+        del samples
+        for record in structures:
+            record["removed"] = iou_threshold is not None and record["iou_across_samples"] < iou_threshold
+        removed = sum(r["removed"] for r in structures)
+        if removed:
+            labels = remove_uncertain_structures(labels, structures, iou_threshold)  # type: ignore[arg-type]
+    return Segmentation(labels=labels, probabilities=probs, uncertainty=entropy, structures=structures,
+                        removed=removed, sampling=sampling)
+
+
+def segment_prepared(prepared: Prepared, manifest: Manifest, backend: Backend, *, tta_axes: Sequence[int] | None = None,
+                     mc_passes: int = 0, uncertainty: bool = False, probabilities: bool = False, overlap: float = 0.5,
+                     batch_size: int = 1, blend: str = "gaussian", tile: Sequence[int] | None = None,
+                     iou_threshold: float | None = None, seed: int = 0,
+                     on_batch: OnBatch | None = None) -> Segmentation:
+    """Segment a prepared volume (see `segment_volume`); drops `prepared.image` once the tiles have run."""
+    tile = check_options(manifest, tta_axes=tta_axes, mc_passes=mc_passes, uncertainty=uncertainty, overlap=overlap,
+                         batch_size=batch_size, blend=blend, tile=tile, iou_threshold=iou_threshold)
+    keep = uncertainty or iou_threshold is not None
+    sampling = make_sampling(manifest, tta_axes=tta_axes, mc_passes=mc_passes, rng=np.random.default_rng(seed))
+    predict = model_predictor(backend, manifest, sampling, keep_samples=keep)
+    slice_axis = DEFAULT_SLICE_AXIS if manifest.slice_axis is None else manifest.slice_axis
+    grid = predict_on_grid(prepared.image, predict, num_classes=len(manifest.class_names),
+                           num_samples=sampling.num_samples if keep else 1, model_dims=manifest.spatial_dims,
+                           tile=tile, slice_axis=slice_axis, overlap=overlap, batch_size=batch_size, blend=blend,
+                           keep_probabilities=probabilities, keep_uncertainty=keep, on_batch=on_batch)
+    prepared.image = np.empty((0,), np.float32)  # the caller's reference no longer pins the input
+    return finish(grid, prepared.original, manifest, sampling, iou_threshold=iou_threshold)
+
+
+def segment_volume(volume: Volume, manifest: Manifest, backend: Backend, *, tta_axes: Sequence[int] | None = None,
+                   mc_passes: int = 0, uncertainty: bool = False, probabilities: bool = False, overlap: float = 0.5,
+                   batch_size: int = 1, blend: str = "gaussian", tile: Sequence[int] | None = None,
+                   iou_threshold: float | None = None, seed: int = 0,
+                   on_batch: OnBatch | None = None) -> Segmentation:
+    """Segment one volume as read by `edgeseg.data.io.read_image`; results on its grid.
+
+    tta_axes: None = no TTA, else the model axes whose flips (all 2**n subsets) are averaged;
+    mc_passes: Monte Carlo dropout passes (0 = the plain form); uncertainty: keep per-sample
+    labels for the entropy map and structure figures (needs >= 2 samples); iou_threshold: remove
+    structures whose IoU across samples is below it; seed: of the MC masks.
+    """
+    return segment_prepared(prepare(volume, manifest), manifest, backend, tta_axes=tta_axes, mc_passes=mc_passes,
+                            uncertainty=uncertainty, probabilities=probabilities, overlap=overlap,
+                            batch_size=batch_size, blend=blend, tile=tile, iou_threshold=iou_threshold, seed=seed,
+                            on_batch=on_batch)
+
+
+# ------------------------------------------------------------------------------------- files
+
+
+_CHANNEL = re.compile(r"^(?P<id>.+)_(?P<channel>\d{4})$")
+
+
+@dataclass(frozen=True)
+class InputCase:
+    """One input: its output file name and one image file per channel."""
+
+    name: str  # e.g. "hippocampus_001.nii.gz"; multi-channel cases drop the _0000 suffix
+    paths: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    mask: Path
+    probabilities: Path | None = None
+    uncertainty: Path | None = None
+    summary: Path | None = None
+
+    def all(self) -> list[Path]:
+        return [p for p in (self.mask, self.probabilities, self.uncertainty, self.summary) if p is not None]
+
+
+@dataclass
+class CaseResult:
+    case: InputCase
+    outputs: OutputPaths
+    seconds: float
+    volumes_mm3: dict[str, float]
+    structures: int | None
+    removed: int
+
+
+def _is_pattern(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
+def collect_inputs(inputs: Sequence[str | Path], in_channels: int = 1) -> list[InputCase]:
+    """Files, folders (their image files, not recursive) and glob patterns -> cases, in order.
+
+    With in_channels > 1, files are grouped by the nnU-Net channel suffix (case_0000.nii.gz,
+    case_0001.nii.gz ...) and each case is named without it.
+    """
+    import glob
+
+    if not inputs:
+        raise UserError("no input given: name image files, folders or glob patterns")
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(f for f in path.iterdir() if is_image_file(f))
+            if not found:
+                raise UserError(f"{path}: no image files in this folder (supported: {', '.join(IMAGE_SUFFIXES)})")
+            files.extend(found)
+        elif path.is_file():
+            if file_suffix(path) not in IMAGE_SUFFIXES:
+                raise UserError(f"{path}: not a supported image file (supported: {', '.join(IMAGE_SUFFIXES)})")
+            files.append(path)
+        elif _is_pattern(str(item)):
+            matched = sorted(Path(m) for m in glob.glob(str(item), recursive=True) if is_image_file(Path(m)))
+            if not matched:
+                raise UserError(f"{item}: the pattern matches no image files")
+            files.extend(matched)
+        else:
+            raise UserError(f"input not found: {item}")
+    unique = list(dict.fromkeys(f.resolve() for f in files))
+    cases = [InputCase(f.name, (f,)) for f in unique] if in_channels == 1 else _group_channels(unique, in_channels)
+    by_name: dict[str, InputCase] = {}
+    for case in cases:
+        if case.name in by_name:
+            raise UserError(f"two inputs would write the same output {case.name}: {by_name[case.name].paths[0]} and "
+                            f"{case.paths[0]}; segment them into different output folders")
+        by_name[case.name] = case
+    return cases
+
+
+def _group_channels(files: list[Path], in_channels: int) -> list[InputCase]:
+    groups: dict[str, dict[int, Path]] = {}
+    for f in files:
+        suffix = file_suffix(f)
+        match = _CHANNEL.match(f.name[: -len(suffix)])
+        if match is None:
+            raise UserError(f"{f}: the model takes {in_channels} channels; name the files of a case "
+                            f"<case>_0000{suffix} ... <case>_{in_channels - 1:04d}{suffix}")
+        groups.setdefault(match["id"] + suffix, {})[int(match["channel"])] = f
+    cases = []
+    for name, by_index in groups.items():
+        if sorted(by_index) != list(range(in_channels)):
+            raise UserError(f"{name}: channel files {sorted(by_index)} found, the model needs 0..{in_channels - 1}")
+        cases.append(InputCase(name, tuple(by_index[i] for i in range(in_channels))))
+    return cases
+
+
+def output_paths(case: InputCase, out_dir: Path, *, probabilities: bool = False,
+                 uncertainty: bool = False) -> OutputPaths:
+    """OUTDIR/<input name> for the mask (same format), NIfTI maps and a JSON summary beside it."""
+    stem = strip_suffix(case.name)
+    out_dir = Path(out_dir)
+    return OutputPaths(
+        mask=out_dir / case.name,
+        probabilities=out_dir / f"{stem}_probabilities.nii.gz" if probabilities else None,
+        uncertainty=out_dir / f"{stem}_uncertainty.nii.gz" if uncertainty else None,
+        summary=out_dir / f"{stem}_uncertainty.json" if uncertainty else None,
+    )
+
+
+def check_outputs(cases: Sequence[InputCase], plans: Sequence[OutputPaths], overwrite: bool) -> None:
+    """Refuse before any work: outputs that exist (without overwrite) or that are an input file."""
+    inputs = {p.resolve() for c in cases for p in c.paths}
+    for plan in plans:
+        for path in plan.all():
+            if path.resolve() in inputs:
+                raise UserError(f"{path}: the output would replace an input file; choose another output folder")
+            if path.exists() and not overwrite:
+                raise UserError(f"{path} already exists (pass --overwrite to replace it)")
+
+
+def segment_files(
+    bundle_path: Path | str,
+    inputs: Sequence[str | Path],
+    out_dir: Path | str,
+    *,
+    tta: bool = False,
+    tta_axes: Sequence[int] | None = None,
+    mc_passes: int = 0,
+    uncertainty: bool = False,
+    probabilities: bool = False,
+    backend: str = "auto",
+    overlap: float = 0.5,
+    batch_size: int | None = None,
+    blend: str = "gaussian",
+    tile: Sequence[int] | None = None,
+    iou_threshold: float | None = None,
+    overwrite: bool = False,
+    threads: int | None = None,
+    seed: int = 0,
+    on_start: Callable[[str, int], None] | None = None,
+    on_batch: OnBatch | None = None,
+    on_case: Callable[[CaseResult], None] | None = None,
+) -> list[CaseResult]:
+    """Segment every input with a bundle into `out_dir`; see the module docstring.
+
+    TTA flips `tta_axes` when given, else every spatial axis of the model with `tta`.
+    Everything that can be checked is checked before the first volume runs (options, inputs,
+    existing outputs). `on_start(backend description, number of cases)`, `on_batch(done, total)`
+    (tile batches of the current volume) and `on_case(result)` report progress.
+    """
+    from edgeseg.atomic import write_json
+    from edgeseg.runtime.backends import open_backend
+    from edgeseg.runtime.bundle import load_bundle
+
+    bundle = load_bundle(bundle_path)
+    manifest = bundle.manifest
+    batch = manifest.batch if batch_size is None else batch_size
+    if tta_axes is None and tta:
+        tta_axes = list(range(manifest.spatial_dims))
+    keep = uncertainty or iou_threshold is not None
+    tile = check_options(manifest, tta_axes=tta_axes, mc_passes=mc_passes, uncertainty=keep, overlap=overlap,
+                         batch_size=batch, blend=blend, tile=tile, iou_threshold=iou_threshold)
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be >= 1, got {threads}")
+    cases = collect_inputs(inputs, manifest.in_channels)
+    plans = [output_paths(c, Path(out_dir), probabilities=probabilities, uncertainty=keep) for c in cases]
+    check_outputs(cases, plans, overwrite)
+    engine = open_backend(bundle, backend, mc=mc_passes > 0, threads=threads, batch_size=batch, tile=tile)
+    if on_start is not None:
+        on_start(engine.description, len(cases))
+    results = []
+    try:
+        for case, plan in zip(cases, plans):
+            started = time.perf_counter()
+            source = str(case.paths[0])
+            prepared = prepare(read_image(list(case.paths)), manifest, source)
+            original = prepared.original
+            seg = segment_prepared(prepared, manifest, engine, tta_axes=tta_axes, mc_passes=mc_passes,
+                                   uncertainty=keep, probabilities=probabilities, overlap=overlap, batch_size=batch,
+                                   blend=blend, tile=tile, iou_threshold=iou_threshold, seed=seed, on_batch=on_batch)
+            del prepared
+            write_label(plan.mask, seg.labels, original)
+            if plan.probabilities is not None and seg.probabilities is not None:
+                write_map(plan.probabilities, seg.probabilities, original)
+            if plan.uncertainty is not None and seg.uncertainty is not None:
+                write_map(plan.uncertainty, seg.uncertainty, original)
+            volumes = seg.class_volumes_mm3(original.spacing, manifest.class_names)
+            seconds = time.perf_counter() - started
+            if plan.summary is not None:
+                write_json(plan.summary, _summary(case, plan, seg, volumes, original, bundle_path, engine,
+                                                  iou_threshold, seconds))
+            result = CaseResult(case=case, outputs=plan, seconds=seconds, volumes_mm3=volumes,
+                                structures=None if seg.structures is None else len(seg.structures),
+                                removed=seg.removed)
+            results.append(result)
+            if on_case is not None:
+                on_case(result)
+    finally:
+        engine.close()
+    return results
+
+
+def _summary(case: InputCase, plan: OutputPaths, seg: Segmentation, volumes: dict[str, float], original: Volume,
+             bundle_path: Path | str, engine: Backend, iou_threshold: float | None, seconds: float) -> dict[str, Any]:
+    """The per-case JSON: structures with volume (mm³) and uncertainty figures, class volumes, provenance."""
+    summary = case_summary(seg.structures or [], seg.sampling.num_samples, seg.sampling.sources, seg.removed)
+    return {
+        "case": case.name,
+        "inputs": [str(p) for p in case.paths],
+        "mask": str(plan.mask),
+        "uncertainty_map": str(plan.uncertainty) if plan.uncertainty else None,
+        "bundle": str(bundle_path),
+        "backend": engine.description,
+        "spacing_mm": [float(s) for s in original.spacing],
+        "iou_threshold": iou_threshold,
+        "class_volumes_mm3": volumes,
+        "uncertainty_units": "entropy of the mean probability, nats",
+        **summary,
+        "seconds": round(seconds, 3),
+    }

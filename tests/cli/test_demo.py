@@ -30,5 +30,9 @@ def test_demo_writes_every_stage(tmp_path, small_demo):
     float_bundle = load_bundle(out / "bundle_fp32")
     quant_bundle = load_bundle(out / "bundle_4w6a")
     assert quant_bundle.manifest.class_names == float_bundle.manifest.class_names == ["background", "sphere", "blob"]
+    masks = sorted((out / "segmentations").glob("*.nii.gz"))
+    summaries = sorted((out / "segmentations").glob("*_uncertainty.json"))
+    assert masks and len(summaries) == len(metrics["cases"])
+    assert json.loads(summaries[0].read_text())["samples_from"]["mc_passes"] == 2
     with pytest.raises(UserError, match="--overwrite"):
         demo.run_demo(out, data=None, overwrite=False, console=Console(quiet=True))

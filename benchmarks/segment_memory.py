@@ -55,7 +55,7 @@ def write_ct(path: Path, shape: tuple[int, int, int]) -> None:
     nib.save(image, str(path))
 
 
-def make_bundle(out: Path, tile: list[int]) -> None:
+def make_bundle(out: Path, tile: list[int], normalization: str) -> None:
     import torch
 
     from edgeseg.config import ModelConfig
@@ -67,7 +67,7 @@ def make_bundle(out: Path, tile: list[int]) -> None:
     model = build_from_config(ModelConfig(depth=3, base_width=8, dropout=0.1), spatial_dims=3, in_channels=1,
                               out_channels=3).eval()
     info = BundleInfo(spatial_dims=3, in_channels=1, class_names=["background", "a", "b"], tile_size=tile,
-                      preprocess={"reorient": True, "target_spacing": None, "normalization": "percentile",
+                      preprocess={"reorient": True, "target_spacing": None, "normalization": normalization,
                                   "clip_percentiles": [0.5, 99.5], "label_map": {}})
     result = export_model(model, info)
     write_bundle(out, result.files, result.manifest)
@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--uncertainty", action="store_true")
     parser.add_argument("--probabilities", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--normalization", default="percentile", help="the bundle's: percentile, zscore or none")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bundle", help=argparse.SUPPRESS)
@@ -110,7 +111,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="edgeseg-mem-") as tmp:
         root = Path(tmp)
         write_ct(root / "ct.nii.gz", shape)  # type: ignore[arg-type]
-        make_bundle(root / "bundle", [int(v) for v in args.tile.split(",")])
+        make_bundle(root / "bundle", [int(v) for v in args.tile.split(",")], args.normalization)
         flags = [f for f, on in (("--tta", args.tta), ("--uncertainty", args.uncertainty),
                                  ("--probabilities", args.probabilities)) if on]
         flags += ["--mc", str(args.mc)] + (["--threads", str(args.threads)] if args.threads else [])
@@ -125,7 +126,7 @@ def main() -> None:
     voxels = shape[0] * shape[1] * shape[2]
     seg, baseline = results["segment"], results["baseline"]["peak_rss_mb"]
     print(f"volume {'x'.join(map(str, shape))} ({voxels / 1e6:.1f} M voxels; float32 {4 * voxels / 2**20:.0f} MB), "
-          f"tile {args.tile}, flags {' '.join(flags) or 'none'}")
+          f"tile {args.tile}, normalization {args.normalization}, flags {' '.join(flags) or 'none'}")
     print(f"segment: {seg['seconds']:.1f} s, peak RSS {seg['peak_rss_mb']:.0f} MB "
           f"(runtime + session baseline {baseline:.0f} MB; above it {seg['peak_rss_mb'] - baseline:.0f} MB "
           f"= {(seg['peak_rss_mb'] - baseline) / (4 * voxels / 2**20):.1f}x the float32 volume)")

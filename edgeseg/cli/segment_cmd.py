@@ -63,7 +63,7 @@ def segment(
     tiles = progress.add_task("tile batches", total=None, visible=False)
 
     def on_start(description: str, count: int) -> None:
-        console.print(f"backend: {description}", highlight=False)
+        console.print(f"backend: {description}", highlight=False, soft_wrap=True)
         progress.update(volumes, total=count, visible=True)
 
     def on_batch(done: int, total: int) -> None:
@@ -74,11 +74,20 @@ def segment(
         extra = ""
         if result.structures is not None:
             extra = f"; {result.structures} structures, {result.removed} removed"
-        console.print(f"  {result.case.name} -> {result.outputs.mask} ({result.seconds:.1f} s{extra})", highlight=False)
+        console.print(f"  {result.case.name} -> {result.outputs.mask} ({result.seconds:.1f} s{extra})", highlight=False,
+                      soft_wrap=True)
 
+    tile_list = parse_tile(tile)
+    if tile_list is not None and bundle.exists():
+        from edgeseg.runtime.bundle import read_manifest
+        from edgeseg.runtime.pipeline import tile_warning
+
+        warning = tile_warning(read_manifest(bundle), tile_list)
+        if warning:
+            console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
     with progress:
         results = segment_files(bundle, inputs, out_dir, tta=tta, tta_axes=parse_axes(tta_axes), mc_passes=mc, uncertainty=uncertainty,
                                 probabilities=probabilities, backend=backend, overlap=overlap, batch_size=batch_size,
-                                blend=blend, tile=parse_tile(tile), iou_threshold=iou_threshold, overwrite=overwrite,
+                                blend=blend, tile=tile_list, iou_threshold=iou_threshold, overwrite=overwrite,
                                 threads=threads, seed=seed, on_start=on_start, on_batch=on_batch, on_case=on_case)
     console.print(f"[green]done[/green]: {len(results)} volume(s) segmented into {out_dir}")

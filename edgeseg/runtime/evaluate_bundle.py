@@ -10,7 +10,6 @@ exactly as `edgeseg evaluate RUN` scores a run. The result has the same shape as
 from __future__ import annotations
 
 import time
-
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any

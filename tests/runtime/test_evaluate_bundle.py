@@ -81,6 +81,7 @@ def test_bundle_metrics_are_those_of_the_segmented_files(bundle, dataset, tmp_pa
     assert "background" not in result["cases"][CASES[1]]
     assert result["settings"]["tta_axes"] == ([0, 1, 2] if tta else None)
     assert result["backend"].startswith("onnxruntime")
+    assert len(result["seconds_per_case"]) == 2 and all(t > 0 for t in result["seconds_per_case"])
 
 
 def test_all_split_background_and_errors(bundle, dataset):

@@ -188,3 +188,18 @@ def test_segment_is_registered_in_the_edgeseg_app():
         pytest.skip("`segment` is not registered in edgeseg.cli.app yet (the lead wires it)")
     result = CliRunner().invoke(app, ["segment", "--help"])
     assert result.exit_code == 0 and "--tta-axes" in result.output
+
+
+
+def test_tiles_smaller_than_the_training_patch_are_warned_about(bundle3d, hippo, tmp_path):
+    from dataclasses import replace
+
+    from edgeseg.runtime.bundle import read_manifest
+    from edgeseg.runtime.pipeline import tile_warning
+
+    manifest = replace(read_manifest(bundle3d), training={"patch_size": [40, 56, 40]})
+    assert "smaller than the training patch [40, 56, 40]" in tile_warning(manifest, [32, 64, 48])
+    assert tile_warning(manifest, [48, 64, 48]) is None
+    assert tile_warning(replace(manifest, training={}), [8, 8, 8]) is None
+    result = run(bundle3d, hippo / "hippocampus_001.nii.gz", "-o", tmp_path / "out", "--tile", "8,8,8")
+    assert result.exit_code == 0 and "warning" not in result.output  # this bundle records no training patch

@@ -51,7 +51,7 @@ from edgeseg.data.preprocess import PreprocessSpec, preprocess_case, undo_spatia
 from edgeseg.errors import UserError
 from edgeseg.runtime.backends import Backend
 from edgeseg.runtime.bundle import Manifest, make_mc_masks
-from edgeseg.runtime.tiling import BLEND_MODES, Predictor, iter_slabs, sliding_window_probabilities
+from edgeseg.runtime.tiling import BLEND_MODES, Predictor, iter_slabs, iter_slices
 from edgeseg.runtime.tta import flip_sets, split_samples, tta_predictor
 from edgeseg.runtime.uncertainty import (
     case_summary,
@@ -201,19 +201,15 @@ def _blocks(image: np.ndarray, predict: Predictor, *, model_dims: int, slice_axi
     """(spatial index, blended block (channels, *region)) covering the image in order.
 
     3D model (or 2D model on a 2D image): the tiler's slabs along the first axis. 2D model on a
-    3D volume: one plane at a time along `slice_axis`, each tiled in 2D.
+    3D volume: planes along `slice_axis` in order, tiled in 2D with batches spanning planes.
     """
     if image.ndim - 1 == model_dims:
         for z0, z1, block in iter_slabs(image, predict, tile, overlap=overlap, batch_size=batch_size, blend=blend,
                                         on_batch=on_batch):
             yield (slice(z0, z1),), block
         return
-    planes = image.shape[slice_axis + 1]
-    for i in range(planes):
-        plane = np.ascontiguousarray(np.take(image, i, axis=slice_axis + 1))
-        progress = None if on_batch is None else (lambda done, total, i=i: on_batch(i * total + done, planes * total))
-        probs = sliding_window_probabilities(plane, predict, tile, overlap=overlap, batch_size=batch_size, blend=blend,
-                                             on_batch=progress)
+    for i, probs in iter_slices(image, predict, tile, axis=slice_axis, overlap=overlap, batch_size=batch_size,
+                                blend=blend, on_batch=on_batch):
         index = [slice(None)] * 3
         index[slice_axis] = slice(i, i + 1)
         yield tuple(index), np.expand_dims(probs, slice_axis + 1)

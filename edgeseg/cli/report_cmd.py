@@ -69,10 +69,17 @@ def report(
 
     memory = None if no_memory else subprocess_peak_rss
     if existing is not None:
+        from edgeseg.report.collect import default_evaluate, run_evaluation
         from edgeseg.report.sweep import export_existing_runs, run_existing
 
+        evaluate = default_evaluate
+        if runs:  # the runs' dataset folder and scored classes, unless --data says otherwise
+            data, evaluate = run_evaluation(runs[0], data, evaluate)
+        if data is None:
+            raise UserError("--bundles needs --data DATASET_FOLDER (bundles do not record where their data lives)")
         exported, failed_exports = export_existing_runs(out, runs) if runs else ([], [])
-        results = run_existing(out, [*exported, *existing], data=data, split=split, measure_memory=memory,
+        results = run_existing(out, [*exported, *existing], data=data, split=split, evaluate=evaluate,
+                               measure_memory=memory,
                                progress=lambda name: console.print(f"evaluating {name}"), failed=failed_exports)
     else:
         from edgeseg.report.sweep import run_sweep

@@ -49,9 +49,34 @@ def load_evaluator(spec: str = DEFAULT_EVALUATOR) -> Evaluate:
         raise UserError(f"bundle evaluator {spec} is not available ({exc})") from None
 
 
-def default_evaluate(bundle: Path, data: Path | None, split: str) -> dict[str, Any]:
-    """The runtime evaluator on the CPU ONNX Runtime backend."""
-    return load_evaluator()(bundle, data, split)
+def default_evaluate(bundle: Path, data: Path | None, split: str, **options: Any) -> dict[str, Any]:
+    """The runtime evaluator on the CPU ONNX Runtime backend; `data` is required (see `run_evaluation`).
+
+    options: evaluate_bundle's keyword options (include_background, layout, splits_file, seed).
+    """
+    if data is None:
+        raise UserError("no dataset folder to evaluate on: pass --data")
+    return load_evaluator()(bundle, data, split, **options)
+
+
+def run_evaluation(run: Path, data: Path | None, evaluate: Evaluate) -> tuple[Path | None, Evaluate]:
+    """The dataset folder (default: the run's) and evaluator scoring the classes the run's training scored.
+
+    A report must score what `edgeseg evaluate RUN` scores: the run's data folder and, for runs
+    that score class 0 (e.g. EM membranes), the background class too.
+    """
+    import functools
+
+    from edgeseg.train.rundir import RunDir
+
+    rundir = RunDir(Path(run))
+    info, cfg = rundir.read_info(), rundir.read_config()
+    if data is None and info.data_root:
+        data = Path(info.data_root)
+    if evaluate is default_evaluate:
+        evaluate = functools.partial(default_evaluate, include_background=info.evaluate_background,
+                                     layout=cfg.data.layout, splits_file=cfg.data.splits, seed=cfg.train.seed)
+    return data, evaluate
 
 
 def bundle_facts(bundle: Path) -> dict[str, Any]:

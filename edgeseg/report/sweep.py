@@ -33,6 +33,7 @@ from edgeseg.report.collect import (
     collect,
     default_evaluate,
     failed_row,
+    run_evaluation,
     subprocess_peak_rss,
 )
 from edgeseg.report.render import write_report
@@ -133,6 +134,7 @@ def run_sweep(out: Path, bits: Sequence[str] = DEFAULT_BITS, *, config: Path | N
     out = Path(out)
     names = [str(parse_bits(b)) for b in bits]
     float_run = ensure_float_run(out, config=config, overrides=overrides, console=console)
+    data_for_eval, evaluate = run_evaluation(float_run, data, evaluate)
     built: list[tuple[str, Path]] = []
     failed: dict[str, dict[str, Any]] = {}
     with Progress(console=console, transient=True) as progress:
@@ -151,11 +153,11 @@ def run_sweep(out: Path, bits: Sequence[str] = DEFAULT_BITS, *, config: Path | N
         def step(name: str) -> None:
             progress.update(task, description=f"evaluate {name}", advance=1)
 
-        rows = collect(built, data=data, split=split, cache_dir=out / "settings", evaluate=evaluate,
+        rows = collect(built, data=data_for_eval, split=split, cache_dir=out / "settings", evaluate=evaluate,
                        measure_memory=measure_memory, progress=step)
     by_name = {r["name"]: r for r in rows} | failed
     ordered = [by_name[n] for n in names]
-    return write_report(out, ordered, split=split, data=None if data is None else str(data))
+    return write_report(out, ordered, split=split, data=None if data_for_eval is None else str(data_for_eval))
 
 
 def export_existing_runs(out: Path, runs: Sequence[Path]) -> tuple[list[tuple[str, Path]], list[dict[str, Any]]]:

@@ -56,7 +56,11 @@ def train_experiment(cfg: ExperimentConfig, out: Path, *, resume: bool = False, 
     configure_torch(cfg.train)
     device = pick_device(cfg.train.device)
     out.mkdir(parents=True, exist_ok=True)
-    root = resolve_data_root(cfg, out, config_dir)
+    recorded = run.read_info().data_root if resume and run.info_path.is_file() else None
+    if recorded and Path(recorded).is_dir():
+        root = Path(recorded)  # a resumed run trains on the folder it started on, wherever it is resumed from
+    else:
+        root = resolve_data_root(cfg, out, config_dir)
     if cfg.data.root == "synthetic":
         cfg = replace(cfg, data=replace(cfg.data, root=str(root.resolve())))
     splits = load_data_splits(root, cfg.data.layout, cfg.data.splits, cfg.train.seed)

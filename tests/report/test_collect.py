@@ -87,3 +87,32 @@ def test_a_changed_bundle_is_evaluated_again(bundles, tmp_path, fake_evaluator, 
     rows = collect(settings, data=None, cache_dir=tmp_path / "cache", evaluate=fake, measure_memory=None)
     assert fake.calls == ["fp32", "fp32"] and rows[0]["reused"] is False
     assert rows[0]["bits_nominal"] == "fp32-retrained"
+
+
+def test_run_evaluation_scores_what_the_run_scored(tmp_path):
+    # The report must evaluate a run's bundles on the run's own data folder, split file, layout and
+    # seed, and score class 0 when the run did (EM membranes): the evaluator gets those options.
+    from edgeseg.config import load_experiment
+    from edgeseg.report.collect import default_evaluate, run_evaluation
+    from edgeseg.train.rundir import RunDir, RunInfo
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.write_config(load_experiment(None, ["data.layout=png", "data.splits=my_splits.json", "train.seed=7"]))
+    run.write_info(RunInfo(spatial_dims=2, in_channels=1, class_names=["membrane", "cell"], patch_size=[8, 8],
+                           tile_size=[8, 8], preprocess={}, data_root=str(tmp_path / "em"),
+                           evaluate_background=True))
+    data, evaluate = run_evaluation(run.path, None, default_evaluate)
+    assert data == tmp_path / "em"
+    assert evaluate.keywords == {"include_background": True, "layout": "png", "splits_file": "my_splits.json",
+                                 "seed": 7}
+    other, _ = run_evaluation(run.path, tmp_path / "elsewhere", default_evaluate)
+    assert other == tmp_path / "elsewhere"  # --data wins over the run's folder
+
+
+def test_default_evaluate_without_data_is_a_user_error(tmp_path):
+    from edgeseg.errors import UserError
+    from edgeseg.report.collect import default_evaluate
+
+    with pytest.raises(UserError, match="--data"):
+        default_evaluate(tmp_path / "bundle", None, "test")

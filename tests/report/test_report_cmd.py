@@ -32,9 +32,21 @@ def test_existing_bundles_form_writes_a_report_even_when_evaluation_fails(invoke
     # Whatever the runtime evaluator does here (missing, or refusing the fake model bytes), each
     # setting becomes a "failed" row and the report is still written: failures are not fatal.
     out = tmp_path / "r"
-    result = invoke("--out", out, "--no-memory", "--bundles", f"float={bundles['fp32']}", "--bundles", bundles["8/8"])
+    empty = tmp_path / "no_cases"
+    empty.mkdir()
+    result = invoke("--out", out, "--no-memory", "--data", empty, "--bundles", f"float={bundles['fp32']}",
+                    "--bundles", bundles["8/8"])
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     assert [s["name"] for s in results["settings"]] == ["float", "w8a8"]
     assert all(s["status"] == "failed" for s in results["settings"])
     assert (out / "report.html").is_file() and "failed settings" in result.output
+
+
+def test_existing_bundles_without_data_is_one_clear_error(invoke, tmp_path, bundles):
+    # Bundles do not record their dataset folder: evaluating them with none used to fail every
+    # setting with a TypeError deep in the evaluator; now the command refuses up front.
+    out = tmp_path / "r"
+    result = invoke("--out", out, "--no-memory", "--bundles", bundles["8/8"])
+    assert isinstance(result.exception, UserError) and "--data" in str(result.exception)
+    assert not (out / "results.json").exists()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +180,17 @@ def _notes(results: dict[str, Any]) -> list[str]:
              "prediction and reference was empty.")]
 
 
+def _example_lines(results: dict[str, Any]) -> list[str]:
+    example = results.get("example")
+    if not example:
+        return []
+    if example.get("error"):
+        return ["", f"Example slice not drawn: {example['error']}"]
+    return ["", (f"Example ({example['setting']}, case {example['case']}): the runtime's mask and its voxel-wise "
+                 f"entropy over {example['samples']} flip-TTA / MC-dropout samples."), "",
+            f"![example]({example['png']})"]
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     header, cells = table(results)
     lines = ["# Accuracy / memory / latency trade-off", ""] + _notes(results) + [""]
@@ -191,6 +202,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines += [f"- **{n}** ({stage}): {err.splitlines()[0] if err else ''}" for n, stage, err in failures]
     lines += ["", "## Plots", ""]
     lines += [f"![{key}]({name})" for key, name in PLOTS.items()]
+    lines += _example_lines(results)
     return "\n".join(lines) + "\n"
 
 
@@ -214,21 +226,37 @@ def render_html(results: dict[str, Any], images: dict[str, bytes]) -> str:
         parts.append("</ul>")
     parts.append("<h2>Plots</h2>")
     for key, png in images.items():
+        if key == "example":
+            parts += [f"<p>{esc(line)}</p>" for line in _example_lines(results) if line and not line.startswith("![")]
         data = base64.b64encode(png).decode("ascii")
         parts.append(f"<p><img alt='{esc(key)}' src='data:image/png;base64,{data}'></p>")
+    if results.get("example", {}).get("error"):
+        parts.append(f"<p>{esc(_example_lines(results)[-1])}</p>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
 
-def write_report(out: Path, rows: Sequence[dict[str, Any]], *, split: str, data: str | None) -> dict[str, Any]:
-    """Write results.json, the three PNG plots, report.md and report.html into `out`; return the results."""
+def write_report(out: Path, rows: Sequence[dict[str, Any]], *, split: str, data: str | None,
+                 example: Callable[[dict[str, Any]], tuple[dict[str, Any], bytes | None]] | None = None,
+                 ) -> dict[str, Any]:
+    """Write results.json, the PNG plots, report.md and report.html into `out`; return the results.
+
+    `example(results)` -> (record, png) draws the example slice (see `edgeseg.report.example`); its
+    record goes into results.json under "example" (with "error" when it could not be drawn).
+    """
     out = Path(out)
     results = build_results(rows, split=split, data=data)
-    write_json(out / RESULTS, results)
     images = {"size": plot_dice_vs_size(results), "latency": plot_dice_vs_latency(results),
               "classes": plot_per_class_dice(results)}
-    for key, png in images.items():
-        write_bytes(out / PLOTS[key], png)
+    if example is not None:
+        record, png = example(results)
+        results["example"] = record
+        if png is not None:
+            write_bytes(out / record["png"], png)
+            images["example"] = png
+    write_json(out / RESULTS, results)
+    for key, name in PLOTS.items():
+        write_bytes(out / name, images[key])
     write_text(out / REPORT_MD, render_markdown(results))
     write_text(out / REPORT_HTML, render_html(results, images))
     return results

@@ -36,6 +36,7 @@ from edgeseg.report.collect import (
     run_evaluation,
     subprocess_peak_rss,
 )
+from edgeseg.report.example import example_writer
 from edgeseg.report.render import write_report
 
 DEFAULT_BITS = ("fp32", "8/8", "4/8", "4/6", "4/4", "2/4")
@@ -157,7 +158,8 @@ def run_sweep(out: Path, bits: Sequence[str] = DEFAULT_BITS, *, config: Path | N
                        measure_memory=measure_memory, progress=step)
     by_name = {r["name"]: r for r in rows} | failed
     ordered = [by_name[n] for n in names]
-    return write_report(out, ordered, split=split, data=None if data_for_eval is None else str(data_for_eval))
+    return write_report(out, ordered, split=split, data=None if data_for_eval is None else str(data_for_eval),
+                        example=example_writer(data_for_eval, split, **_split_options(evaluate)))
 
 
 def export_existing_runs(out: Path, runs: Sequence[Path]) -> tuple[list[tuple[str, Path]], list[dict[str, Any]]]:
@@ -185,14 +187,21 @@ def export_existing_runs(out: Path, runs: Sequence[Path]) -> tuple[list[tuple[st
     return settings, failed
 
 
+def _split_options(evaluate: Evaluate) -> dict[str, Any]:
+    """How the evaluator finds the split (layout, split file, seed), so the example uses the same cases."""
+    keywords = getattr(evaluate, "keywords", {})
+    return {k: keywords[k] for k in ("layout", "splits_file", "seed") if k in keywords}
+
+
 def run_existing(out: Path, settings: Sequence[tuple[str, Path]], *, data: Path | None, split: str = "test",
                  evaluate: Evaluate = default_evaluate, measure_memory: MeasureMemory | None = subprocess_peak_rss,
                  progress: Callable[[str], None] | None = None,
-                 failed: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+                 failed: Sequence[dict[str, Any]] = (), example: bool = True) -> dict[str, Any]:
     """The report over existing bundles (name, path): evaluate (reusing out/settings) and write it.
 
     `failed` rows (e.g. from `export_existing_runs`) are appended to the report as they are.
     """
     rows = collect(settings, data=data, split=split, cache_dir=Path(out) / "settings", evaluate=evaluate,
                    measure_memory=measure_memory, progress=progress) + list(failed)
-    return write_report(Path(out), rows, split=split, data=None if data is None else str(data))
+    return write_report(Path(out), rows, split=split, data=None if data is None else str(data),
+                        example=example_writer(data, split, **_split_options(evaluate)) if example else None)

@@ -1,0 +1,93 @@
+"""The report's example slice: the right case and slice, the runtime's labels, a real PNG, never fatal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeseg.report.example import EXAMPLE_PNG, busiest_slice, example_writer, plot_example, segment_example
+
+CLASSES = ["background", "bright", "dark"]
+
+
+@pytest.fixture(scope="module")
+def detector_bundle(tmp_path_factory) -> Path:
+    """A one-conv ONNX model: class 1 for bright voxels, class 2 for dark ones (centre tap: flip-equivariant)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    from edgeseg.export.third_party import make_bundle
+
+    root = tmp_path_factory.mktemp("example")
+    weight = np.zeros((3, 1, 3, 3, 3), np.float32)
+    weight[1, 0, 1, 1, 1], weight[2, 0, 1, 1, 1] = 2.0, -2.0
+    bias = numpy_helper.from_array(np.array([2.0, 0.0, 0.0], np.float32), "b")
+    graph = helper.make_graph([helper.make_node("Conv", ["image", "w", "b"], ["logits"], pads=[1] * 6)], "g",
+                              [helper.make_tensor_value_info("image", T.FLOAT, ["N", 1, "D", "H", "W"])],
+                              [helper.make_tensor_value_info("logits", T.FLOAT, ["N", 3, "D", "H", "W"])],
+                              [numpy_helper.from_array(weight, "w"), bias])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(root / "m.onnx"))
+    make_bundle(root / "m.onnx", root / "bundle", class_names=CLASSES, tile=[16, 16, 16])
+    return root / "bundle"
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    from edgeseg.data.phantoms import write_phantom_dataset
+
+    return write_phantom_dataset(tmp_path_factory.mktemp("data") / "ph", n_cases=6, shape=(20, 18, 16), seed=3)
+
+
+def test_busiest_slice_by_hand():
+    labels = np.zeros((2, 3, 4), np.uint8)
+    labels[:, :, 2] = 1  # 6 voxels in slice 2 of axis 2
+    labels[0, 0, 3] = 2  # 1 voxel in slice 3
+    assert busiest_slice(labels, 2) == 2
+    assert busiest_slice(labels, 0) == 0  # 7 voxels in row 0 vs 6 in row 1
+    assert busiest_slice(np.zeros((2, 3, 5), np.uint8), 2) == 2  # empty: the middle slice
+
+
+def test_example_is_the_runtime_segmentation_of_the_first_test_case(detector_bundle, phantoms):
+    from edgeseg.data.io import read_image
+    from edgeseg.runtime.backends import open_backend
+    from edgeseg.runtime.bundle import load_bundle
+    from edgeseg.runtime.pipeline import segment_volume
+
+    example = segment_example("w4a6", detector_bundle, phantoms, "test")
+    first = json.loads((phantoms / "splits.json").read_text())["test"][0]
+    assert example.case in first
+    # Oracle: a plain (no TTA) segmentation of the same file; the model is flip-equivariant so TTA
+    # must not change the labels, and the slice is the one with the most foreground (numpy by hand).
+    bundle = load_bundle(detector_bundle)
+    engine = open_backend(bundle, "onnxruntime")
+    plain = segment_volume(read_image([next((phantoms / "images").glob(f"{example.case}*"))]), bundle.manifest,
+                           engine).labels
+    engine.close()
+    counts = [(plain[:, :, k] > 0).sum() for k in range(plain.shape[2])]
+    assert example.axis == 2 and example.index == int(np.argmax(counts))
+    np.testing.assert_array_equal(example.labels, plain[:, :, example.index])
+    assert example.samples == 8 and example.uncertainty.shape == example.labels.shape
+    assert np.all(example.uncertainty >= 0) and np.all(example.uncertainty <= np.log(3) + 1e-5)
+    png = plot_example(example)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_report_with_example_and_with_a_failing_example(detector_bundle, phantoms, tmp_path):
+    from edgeseg.report.render import write_report
+
+    row = {"name": "w4a6", "status": "ok", "bundle": str(detector_bundle), "bundle_bytes": 1000,
+           "dice_mean": 0.5, "per_class": {"bright": {"dice": 0.5}}, "latency_s_median": 0.1,
+           "peak_rss_bytes": None, "weights_at_rest": "float32"}
+    results = write_report(tmp_path / "ok", [row], split="test", data=str(phantoms),
+                           example=example_writer(phantoms, "test"))
+    assert results["example"]["setting"] == "w4a6" and (tmp_path / "ok" / EXAMPLE_PNG).is_file()
+    assert f"]({EXAMPLE_PNG})" in (tmp_path / "ok" / "report.md").read_text()
+    broken = write_report(tmp_path / "bad", [row], split="test", data=str(tmp_path),
+                          example=example_writer(tmp_path / "missing", "test"))
+    assert "error" in broken["example"] and not (tmp_path / "bad" / EXAMPLE_PNG).exists()
+    assert "Example slice not drawn" in (tmp_path / "bad" / "report.md").read_text()
+    assert json.loads((tmp_path / "bad" / "results.json").read_text())["example"]["error"]

@@ -54,6 +54,8 @@ def run_demo(out: Path, *, data: Path | None, overwrite: bool, console: Console)
     from edgeseg.cli.tables import metrics_table
     from edgeseg.export.run_export import export_run
     from edgeseg.quantize.qat import quantize_run
+    from edgeseg.report.collect import default_evaluate, run_evaluation, subprocess_peak_rss
+    from edgeseg.report.sweep import run_existing
     from edgeseg.runtime.pipeline import segment_files
     from edgeseg.train.rundir import RunDir
     from edgeseg.train.setup import load_data_splits
@@ -69,28 +71,40 @@ def run_demo(out: Path, *, data: Path | None, overwrite: bool, console: Console)
     cfg = demo_config(data)
     run_dir, qrun_dir = out / "float_run", out / "quant_4w6a_run"
     float_bundle, quant_bundle = out / "bundle_fp32", out / "bundle_4w6a"
-    console.rule("1/5 train a float 3D U-Net")
+    console.rule("1/6 train a float 3D U-Net")
     train_experiment(cfg, run_dir, console=console)
-    console.rule("2/5 evaluate on the test split")
+    console.rule("2/6 evaluate on the test split")
     result = evaluate_run(run_dir, data=None, split="test", console=console)
     metrics_path = out / "float_test_metrics.json"
     write_json(metrics_path, result)
     console.print(metrics_table(result["summary"], title="float model, test split"))
-    console.rule("3/5 quantization-aware training to 4-bit weights / 6-bit activations")
+    console.rule("3/6 quantization-aware training to 4-bit weights / 6-bit activations")
     quantize_run(run_dir, "4/6", qrun_dir, epochs=DEMO_QAT_EPOCHS, console=console)
-    console.rule("4/5 export both models to bundles")
+    console.rule("4/6 export both models to bundles")
     for run, bundle in ((run_dir, float_bundle), (qrun_dir, quant_bundle)):
         exported = export_run(run, bundle)
         for line in exported.summary:
             console.print(f"  {line}")
-    console.rule("5/5 segment the test volumes with the 4/6 bundle (torch-free runtime, flip TTA + MC dropout)")
+    console.rule("5/6 segment the test volumes with the 4/6 bundle (torch-free runtime, flip TTA + MC dropout)")
     info = RunDir(run_dir).read_info()
     splits = load_data_splits(Path(info.data_root or ""), cfg.data.layout, cfg.data.splits, cfg.train.seed)
     test_images = [str(path) for ref in splits.get("test") for path in ref.images[:1]]
     segmented = out / "segmentations"
     results = segment_files(quant_bundle, test_images, segmented, tta=True, mc_passes=2, uncertainty=True)
     console.print(f"  {len(results)} volume(s) segmented with uncertainty maps and JSON summaries")
+    console.rule("6/6 trade-off report: accuracy, size, latency and memory of both bundles through the runtime")
+    report_dir = out / "report"
+    data_root, evaluate = run_evaluation(run_dir, None, default_evaluate)
+    report = run_existing(report_dir, [("fp32", float_bundle), ("4/6", quant_bundle)], data=data_root,
+                          evaluate=evaluate, measure_memory=subprocess_peak_rss)
+    for row in report["settings"]:
+        if row["status"] == "ok":
+            console.print(f"  {row['name']}: mean Dice {row['dice_mean']:.3f}, {row['bundle_bytes'] / 1e3:.0f} kB, "
+                          f"{row['latency_s_median']:.2f} s/volume, peak {row['peak_rss_bytes'] / 2**20:.0f} MiB")
+        else:
+            console.print(f"  [red]{row['name']} failed[/red]: {row['error']}")
     console.rule("demo finished")
     console.print(f"in {(time.monotonic() - started) / 60:.1f} min; wrote:")
-    for path in (run_dir, metrics_path, qrun_dir, qrun_dir / "metrics.json", float_bundle, quant_bundle, segmented):
+    for path in (run_dir, metrics_path, qrun_dir, qrun_dir / "metrics.json", float_bundle, quant_bundle, segmented,
+                 report_dir / "report.md", report_dir / "report.html"):
         console.print(f"  {path}")

@@ -34,5 +34,13 @@ def test_demo_writes_every_stage(tmp_path, small_demo):
     summaries = sorted((out / "segmentations").glob("*_uncertainty.json"))
     assert masks and len(summaries) == len(metrics["cases"])
     assert json.loads(summaries[0].read_text())["samples_from"]["mc_passes"] == 2
+    report = json.loads((out / "report" / "results.json").read_text())
+    assert [(s["name"], s["status"]) for s in report["settings"]] == [("fp32", "ok"), ("4/6", "ok")]
+    assert (out / "report" / "report.html").is_file() and (out / "report" / "example_slice.png").is_file()
+    # Oracle: the float bundle through the runtime scores what PyTorch scored on the same test cases.
+    runtime_fp32 = report["settings"][0]["per_class"]
+    for name in ("sphere", "blob"):
+        assert runtime_fp32[name]["dice"] == pytest.approx(metrics["summary"][name]["dice"]["mean"], abs=0.01)
+    assert report["settings"][1]["bundle_bytes"] < report["settings"][0]["bundle_bytes"]
     with pytest.raises(UserError, match="--overwrite"):
         demo.run_demo(out, data=None, overwrite=False, console=Console(quiet=True))

@@ -184,17 +184,34 @@ def normalize(
     """
     if method not in NORMALIZATIONS:
         raise unknown_name("normalization", method, NORMALIZATIONS)
+    # Memory: one float32 output and chunk-sized float64 temporaries. A float64 copy per step
+    # (astype, clip, subtract, divide) took a 512x512x300 CT to several GB.
     out = np.empty(image.shape, dtype=np.float32)
     for c, channel in enumerate(image):
-        x = channel.astype(np.float64)
+        x = out[c]
+        x[...] = channel
         if method == "none":
-            out[c] = x
             continue
         if method == "percentile":
             lo, hi = np.percentile(x, clip_percentiles)
-            x = np.clip(x, lo, hi)
-        out[c] = (x - x.mean()) / max(float(x.std()), STD_FLOOR)
+            np.clip(x, lo, hi, out=x)
+        mean, std = _mean_std(x)
+        x -= np.float32(mean)
+        x /= np.float32(max(std, STD_FLOOR))
     return out
+
+
+def _mean_std(x: np.ndarray, chunk: int = 1 << 22) -> tuple[float, float]:
+    """Mean and population std of all of `x`, accumulated in float64 over chunks (two passes).
+
+    Hand-written because np.std materialises a full-size float64 `x - mean` temporary.
+    """
+    flat = x.reshape(-1)
+    n = flat.size
+    total = sum(float(np.sum(flat[i:i + chunk], dtype=np.float64)) for i in range(0, n, chunk))
+    mean = total / n
+    squares = sum(float(np.sum(np.square(flat[i:i + chunk].astype(np.float64) - mean))) for i in range(0, n, chunk))
+    return mean, (squares / n) ** 0.5
 
 
 # ------------------------------------------------------------------------------------------ labels

@@ -254,3 +254,23 @@ def test_undo_spatial_without_resampling_is_exact_inverse():
     spec = PreprocessSpec()
     _, lab, _ = preprocess_case(image, Volume(label, OBLIQUE, image.spacing), spec)
     np.testing.assert_array_equal(undo_spatial(lab, spec, image), label)
+
+
+@pytest.mark.parametrize("method", ["zscore", "percentile"])
+def test_float32_chunked_normalize_matches_float64_numpy(method):
+    # Oracle: the straightforward float64 numpy computation (what normalize() did before it was made
+    # to stay within one float32 copy); int16 CT-like values with an outlier.
+    from edgeseg.data import preprocess
+
+    rng = np.random.default_rng(1)
+    image = rng.normal(40, 300, size=(2, 33, 21, 17)).astype(np.int16)
+    image[0, 0, 0, 0] = 3000
+    out = preprocess.normalize(image, method)
+    for c in range(2):
+        x = image[c].astype(np.float64)
+        if method == "percentile":
+            x = np.clip(x, *np.percentile(x, (0.5, 99.5)))
+        np.testing.assert_allclose(out[c], (x - x.mean()) / x.std(), atol=2e-5)
+    mean, std = preprocess._mean_std(image[0].astype(np.float32), chunk=1000)  # many chunks, a ragged last one
+    assert mean == pytest.approx(image[0].mean(dtype=np.float64), rel=1e-12)
+    assert std == pytest.approx(image[0].std(dtype=np.float64), rel=1e-12)

@@ -6,11 +6,13 @@ explicit keyword arguments.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from edgeseg.config.loader import apply_overrides, from_dict, read_yaml
+from edgeseg.errors import suggest, unknown_name
 
 Layout = Literal["auto", "pairs", "msd", "bids", "png", "sidecar"]
 Normalization = Literal["zscore", "percentile", "none"]
@@ -101,6 +103,9 @@ class ModelConfig:
     norm: Literal["batch", "instance", "none"] = "batch"
     dropout: float = 0.0
     decoder: Literal["transposed", "upsample"] = "upsample"
+    # architecture-specific settings (e.g. utransformer: {heads: 4}); `edgeseg list models` names them.
+    # Checked against the model's own Options dataclass (names, types, ranges) when the model is built.
+    options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         if not 1 <= self.depth <= 6:
@@ -111,14 +116,82 @@ class ModelConfig:
             raise ValueError("model.dropout must be within [0, 1)")
 
 
+# The options each registered loss reads (edgeseg.losses builds them; a test checks that both name
+# the same losses). Kept here, torch-free, so that a config is validated once, at load.
+_DICE_OPTIONS = ("dice_reduction", "smooth", "include_background")
+_FOCAL_OPTIONS = ("gamma", "alpha")
+LOSS_OPTIONS: dict[str, tuple[str, ...]] = {
+    "dice": _DICE_OPTIONS,
+    "ce": (),
+    "dice_ce": (*_DICE_OPTIONS, "dice_weight", "ce_weight"),
+    "generalized_dice": (*_DICE_OPTIONS, "absent_class"),
+    "focal": _FOCAL_OPTIONS,
+    "focal_dice": (*_DICE_OPTIONS, *_FOCAL_OPTIONS, "dice_weight", "focal_weight"),
+    "adaptive_wing": ("wing_omega", "wing_theta", "wing_epsilon", "wing_alpha", "heatmap_activation"),
+    "combined": ("terms",),
+}
+
+
 @dataclass(frozen=True)
 class LossConfig:
+    """The training loss: a registered name (`edgeseg list losses`) and the options it reads.
+
+    An option that the named loss does not read must stay at its default, so a typo'd or misplaced
+    option fails at load instead of being silently ignored. `combined` sums weighted `terms`.
+    """
+
     name: str = "dice_ce"
-    dice_reduction: Literal["batch", "sample"] = "batch"
-    smooth: float = 1e-5
-    include_background: bool = False
+    dice_reduction: Literal["batch", "sample"] = "batch"  # Dice reduction set: whole batch or per sample
+    smooth: float = 1e-5  # epsilon added to Dice numerator and denominator
+    include_background: bool = False  # Dice variants: score class 0 too
     ce_weight: float = 1.0
     dice_weight: float = 1.0
+    focal_weight: float = 1.0
+    gamma: float = 2.0  # focal focusing parameter (0 = cross-entropy)
+    alpha: float | None = None  # focal balance: 1 - alpha for background, alpha for the other classes
+    absent_class: Literal["empty", "missing"] = "empty"  # generalized Dice: a class absent from the target
+    wing_omega: float = 14.0  # adaptive wing (Wang et al. 2019) defaults
+    wing_theta: float = 0.5
+    wing_epsilon: float = 1.0
+    wing_alpha: float = 2.1
+    heatmap_activation: Literal["sigmoid", "none"] = "sigmoid"  # adaptive wing: logits -> heatmap
+    terms: tuple[LossTermConfig, ...] = ()  # combined: the weighted losses to sum
+
+    def validate(self) -> None:
+        if self.name not in LOSS_OPTIONS:
+            raise ValueError(str(unknown_name("loss", self.name, LOSS_OPTIONS)))
+        reads = LOSS_OPTIONS[self.name]
+        for f in dataclasses.fields(LossConfig):
+            if f.name != "name" and f.name not in reads and getattr(self, f.name) != f.default:
+                raise ValueError(
+                    f"loss '{self.name}' does not read option '{f.name}'{suggest(f.name, reads)}; "
+                    f"its options: {', '.join(reads) or 'none'}"
+                )
+        if self.name == "combined" and not self.terms:
+            raise ValueError("loss 'combined' needs terms, e.g. [{name: dice}, {name: focal, weight: 0.5}]")
+        if self.smooth <= 0:
+            raise ValueError("loss.smooth must be positive (it keeps the Dice of empty classes finite)")
+        for name in ("ce_weight", "dice_weight", "focal_weight", "gamma"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"loss.{name} must be >= 0")
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise ValueError("loss.alpha must be within [0, 1]")
+        if min(self.wing_omega, self.wing_theta, self.wing_epsilon) <= 0:
+            raise ValueError("loss.wing_omega, wing_theta and wing_epsilon must be positive")
+        if self.wing_alpha <= 2.0:
+            raise ValueError("loss.wing_alpha must be > 2 (alpha - y > 1 for targets in [0, 1]: smooth at 0)")
+
+
+@dataclass(frozen=True)
+class LossTermConfig(LossConfig):
+    """One term of a `combined` loss: any registered loss with its options, times `weight`."""
+
+    weight: float = 1.0
+
+    def validate(self) -> None:
+        super().validate()
+        if self.weight < 0:
+            raise ValueError("loss term weight must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,7 @@ def plot_example(example: ExampleSlice) -> bytes:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
 
     # Rows of a NIfTI slice are the first array axis; transpose so the slice reads like a viewer's.
     image, labels, entropy = example.image.T, example.labels.T, example.uncertainty.T
@@ -102,7 +103,10 @@ def plot_example(example: ExampleSlice) -> bytes:
         axes[0].set_title("image")
         axes[1].imshow(np.ma.masked_equal(labels, 0), cmap=mask_cmap, vmin=0, vmax=n - 1, origin="lower",
                        interpolation="nearest")
-        axes[1].set_title("mask: " + ", ".join(example.class_names[1:]), fontsize=9)
+        axes[1].set_title("mask (runtime)", fontsize=9)
+        axes[1].legend(handles=[Patch(color=colours[i % 10][:3], label=name)
+                                for i, name in enumerate(example.class_names[1:])],
+                       loc="lower right", fontsize=7, framealpha=0.7)
         shown = axes[2].imshow(np.ma.masked_less(entropy, 1e-3), cmap="magma", alpha=0.8, origin="lower",
                                vmin=0, vmax=max(float(np.log(n)), 1e-3), interpolation="nearest")
         axes[2].set_title(f"entropy over {example.samples} samples (nats)", fontsize=9)

@@ -54,11 +54,48 @@ def strip_weight_clips(model: onnx.ModelProto) -> int:
     return len(folded)
 
 
+def requantize_after_resize(model: onnx.ModelProto) -> int:
+    """Insert Q -> DQ (the input's own scale and zero point) after each nearest Resize of a dequantized tensor.
+
+    brevitas passes a quantized tensor through nearest upsampling and exports DQ -> Resize -> Conv:
+    the conv then has a float input and ONNX Runtime leaves it a float Conv. Nearest resizing only
+    copies values, all of which are already on the input's grid, so re-quantizing with the same
+    scale/zero point is exact; it gives ONNX Runtime DQ -> Resize -> Q (an int8 Resize) and
+    Q -> DQ -> Conv -> Q (a QLinearConv). Returns how many Resize nodes were requantized.
+    """
+    producers = g.producers(model)
+    nodes = list(model.graph.node)
+    rebuilt: list[onnx.NodeProto] = []
+    count = 0
+    for node in nodes:
+        rebuilt.append(node)
+        if node.op_type != "Resize":
+            continue
+        mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "nearest")
+        source = producers.get(node.input[0])
+        if mode != "nearest" or source is None or source.op_type != "DequantizeLinear":
+            continue
+        out = node.output[0]
+        node.output[0] = f"{out}::resized"
+        params = list(source.input[1:])  # scale (and zero point) of the tensor being resized
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in source.attribute}
+        rebuilt.append(onnx.helper.make_node("QuantizeLinear", [node.output[0], *params], [f"{out}::q"],
+                                             name=f"{node.name}::requantize", **attrs))
+        rebuilt.append(onnx.helper.make_node("DequantizeLinear", [f"{out}::q", *params], [out],
+                                             name=f"{node.name}::dequantize", **attrs))
+        count += 1
+    del model.graph.node[:]
+    model.graph.node.extend(rebuilt)
+    return count
+
+
 def cpu_form(qcdq: onnx.ModelProto) -> onnx.ModelProto:
-    """The QCDQ graph with weight Clips folded (same numbers; int8 kernels in ONNX Runtime)."""
+    """The QCDQ graph with weight Clips folded and resized tensors requantized (same numbers; int8
+    kernels in ONNX Runtime)."""
     model = g.copy(qcdq)
     g.constants_to_initializers(model)
     strip_weight_clips(model)
+    requantize_after_resize(model)
     return model
 
 

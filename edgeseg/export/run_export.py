@@ -378,8 +378,10 @@ def verify_bundle(path: Path, result: ExportResult) -> list[str]:
 
 
 def _load_run(run_dir: Path) -> tuple[nn.Module, BundleInfo]:
+    from edgeseg.nets import require_capability
     from edgeseg.train.rundir import RunDir
 
+    require_capability(RunDir(run_dir).read_config().model.name, "exportable", "exported")
     info = RunDir(run_dir).read_info()
     if info.parent_run is not None:
         from edgeseg.quantize.qat import load_quant_model

@@ -39,6 +39,7 @@ _FLOAT_OPS = {op: FLOATS for op in (
     "BatchNormalization", "InstanceNormalization", "GroupNormalization", "LayerNormalization", "Sigmoid",
     "Softmax", "LogSoftmax", "Tanh", "LeakyRelu", "PRelu", "Elu", "Selu", "Resize", "Erf", "Exp", "Log",
     "Sqrt", "Reciprocal", "Gemm", "MatMul", "HardSigmoid", "Softplus", "Dropout", "Floor", "Ceil", "Round",
+    "Sin", "Cos",  # FP32/FP16 (onnx-tensorrt docs/operators.md); the U-Transformer's positional encoding
 )}
 _NUMERIC_OPS = {op: FLOATS | INTS for op in (
     "Relu", "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Neg", "Abs", "ArgMax", "ArgMin", "Pad",

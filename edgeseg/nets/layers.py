@@ -8,6 +8,7 @@ hand-written copy of each network).
 
 from __future__ import annotations
 
+import sys
 from typing import Protocol
 
 import torch
@@ -36,6 +37,60 @@ class Concat(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.cat([a, b], dim=1)
+
+
+def as_float(x):  # type: ignore[no-untyped-def]
+    """The float tensor behind `x`: a brevitas QuantTensor carries it as `.value`.
+
+    Float math inside a quantized network (attention, gating) must start from plain tensors:
+    brevitas' QuantTensor + Tensor returns a QuantTensor with a stale scale. Looked up through
+    sys.modules so that nets never import brevitas.
+    """
+    quant_tensor = sys.modules.get("brevitas.quant_tensor")
+    if quant_tensor is not None and isinstance(x, quant_tensor.QuantTensor):
+        return x.value
+    return x
+
+
+class _FloatInput:
+    """Mixin: compute in float on the float value of the input (QuantTensor or tensor)."""
+
+    def forward(self, input, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return super().forward(as_float(input), *args, **kwargs)  # type: ignore[misc]
+
+
+class IslandConv2d(_FloatInput, nn.Conv2d):
+    """A convolution that stays float in every build (a "float island" in a quantized network)."""
+
+
+class IslandConv3d(_FloatInput, nn.Conv3d):
+    """A convolution that stays float in every build (a "float island" in a quantized network)."""
+
+
+class IslandConvTranspose2d(_FloatInput, nn.ConvTranspose2d):
+    """A transposed convolution that stays float in every build."""
+
+
+class IslandConvTranspose3d(_FloatInput, nn.ConvTranspose3d):
+    """A transposed convolution that stays float in every build."""
+
+
+ISLAND_MODULES = (IslandConv2d, IslandConv3d, IslandConvTranspose2d, IslandConvTranspose3d)
+
+
+def island_conv(spatial_dims: int, cin: int, cout: int, kernel: int, stride: int = 1, bias: bool = True,
+                transposed: bool = False) -> nn.Module:
+    """A float convolution for inputs that are float in the quantized twin too (attention outputs).
+
+    The quantizing factory cannot take such inputs: its convolutions carry an int32 bias whose
+    scale is the input's, and a float tensor has none. Same parameter names as nn.ConvNd, so batch
+    norm folds into it and folded weights load into the twin unchanged.
+    """
+    if transposed:
+        return (IslandConvTranspose2d, IslandConvTranspose3d)[spatial_dims - 2](cin, cout, kernel, stride=stride,
+                                                                                  bias=bias)
+    return (IslandConv2d, IslandConv3d)[spatial_dims - 2](cin, cout, kernel, stride=stride, padding=kernel // 2,
+                                                          bias=bias)
 
 
 class McDropout(nn.Module):

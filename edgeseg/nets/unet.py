@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from edgeseg.nets.capabilities import Capabilities, NoOptions
 from edgeseg.nets.layers import FloatLayers, LayerFactory
 
 
@@ -23,19 +24,23 @@ class ConvBlock(nn.Sequential):
         self.add_module("act2", layers.act(f"{name}.act2"))
 
 
+def up_path(layers: LayerFactory, name: str, cin: int, cout: int, decoder: str) -> nn.Module:
+    """Coarse map -> twice the resolution with `cout` channels: a transposed conv, or nearest upsample + 1x1 conv + ReLU."""
+    if decoder == "transposed":
+        return layers.conv_transpose(f"{name}.up", cin, cout, 2, 2)
+    return nn.Sequential(
+        layers.upsample(f"{name}.up"),
+        layers.conv(f"{name}.up_conv", cin, cout, 1),
+        layers.act(f"{name}.up_act"),
+    )
+
+
 class UpBlock(nn.Module):
     """Upsample the coarser map, concatenate the skip, then a ConvBlock."""
 
     def __init__(self, layers: LayerFactory, name: str, cin: int, cskip: int, cout: int, decoder: str, dropout: float):
         super().__init__()
-        if decoder == "transposed":
-            self.up: nn.Module = layers.conv_transpose(f"{name}.up", cin, cout, 2, 2)
-        else:
-            self.up = nn.Sequential(
-                layers.upsample(f"{name}.up"),
-                layers.conv(f"{name}.up_conv", cin, cout, 1),
-                layers.act(f"{name}.up_act"),
-            )
+        self.up = up_path(layers, name, cin, cout, decoder)
         self.cat = layers.concat(f"{name}.cat", (cout, cskip))
         self.block = ConvBlock(layers, f"{name}.block", cout + cskip, cout, dropout)
 
@@ -50,6 +55,9 @@ class UNet(nn.Module):
     (B, out_channels, *S).
     """
 
+    capabilities = Capabilities(spatial_dims=(2, 3), quantizable=True, exportable=True, mc_dropout=True)
+    Options = NoOptions
+    # older flag names, kept for callers that read them
     supports_2d = True
     supports_3d = True
     quantizable = True

@@ -32,6 +32,7 @@ from edgeseg.data.cases import PreparedCase, to_slices
 from edgeseg.data.preprocess import PreprocessSpec
 from edgeseg.errors import UserError
 from edgeseg.losses import build_loss
+from edgeseg.nets import require_capability
 from edgeseg.quantize.bits import BitWidths, parse_bits
 from edgeseg.quantize.calibrate import calibrate
 from edgeseg.quantize.fold import fold_batch_norms
@@ -79,6 +80,7 @@ def quantize_run(
     run_dir, out = Path(run_dir), Path(out)
     parent = RunDir(run_dir)
     cfg, info = parent.read_config(), parent.read_info()
+    require_capability(cfg.model.name, "quantizable", "quantized")  # e.g. models fed extra inputs
     if info.bits != "fp32" or info.parent_run is not None:
         raise UserError(f"{run_dir} is already a quantized run ({info.bits}); quantize its float parent "
                         f"{info.parent_run} instead")

@@ -85,9 +85,11 @@ def load_folded_weights(twin: nn.Module, folded: nn.Module) -> None:
 
 def float_islands(model: nn.Module) -> list[str]:
     """Names of modules that compute in float inside a quantized model (reported, not hidden)."""
+    from edgeseg.nets.layers import ISLAND_MODULES
     from edgeseg.quantize.layers import FLOAT_MODULES
 
-    return [name for name, m in model.named_modules() if isinstance(m, FLOAT_MODULES)]
+    kinds = tuple(FLOAT_MODULES) + tuple(ISLAND_MODULES)
+    return [name for name, m in model.named_modules() if isinstance(m, kinds)]
 
 
 def count_parameters(model: nn.Module) -> int:

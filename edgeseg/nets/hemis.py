@@ -1,0 +1,127 @@
+"""HeMIS U-Net (Havaei et al. 2016), 2D and 3D: segmentation from any subset of the input modalities."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgeseg.errors import UserError
+from edgeseg.nets.capabilities import Capabilities, NoOptions
+from edgeseg.nets.layers import FloatLayers, LayerFactory, as_float
+from edgeseg.nets.unet import ConvBlock, UpBlock
+
+
+def fuse_modalities(features: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """HeMIS abstraction layer: mean and variance over the modalities present, concatenated on channels.
+
+    Havaei et al. 2016, Sec. 2: E[C] = (1/|K|) Σ_{k∈K} C_k and Var[C] = 1/(|K|-1) Σ_{k∈K} (C_k - E[C])²,
+    with Var = 0 when a single modality is present; K = the modalities with mask 1 for that case.
+    The features of absent modalities never reach the result (their weight is 0).
+
+    Shape: features M tensors (B, C, *S), mask (B, M) of 0/1 -> (B, 2C, *S) = [mean, variance].
+    """
+    f = torch.stack([as_float(t) for t in features], dim=1)  # (B, M, C, *S)
+    w = mask.to(f.dtype).reshape(mask.shape + (1,) * (f.dim() - 2))  # (B, M, 1, ..., 1)
+    count = w.sum(dim=1)  # (B, 1, ..., 1)
+    mean = (w * f).sum(dim=1) / count
+    var = (w * (f - mean.unsqueeze(1)).square()).sum(dim=1) / (count - 1).clamp(min=1)
+    return torch.cat([mean, var], dim=1)
+
+
+class ModalityEncoder(nn.Module):
+    """The U-Net encoder (conv blocks, pools, bottleneck) of one modality; returns every level's features.
+
+    Shape: (B, 1, *S) -> [ (B, widths[l], *S/2^l) for l = 0..depth ].
+    """
+
+    def __init__(self, layers: LayerFactory, name: str, widths: list[int], dropout: float):
+        super().__init__()
+        depth = len(widths) - 1
+        self.blocks = nn.ModuleList()
+        self.pools = nn.ModuleList()
+        cin = 1
+        for level in range(depth):
+            self.blocks.append(ConvBlock(layers, f"{name}.enc{level}", cin, widths[level],
+                                         dropout if level > 0 else 0.0))
+            self.pools.append(layers.pool(f"{name}.pool{level}"))
+            cin = widths[level]
+        self.bottleneck = ConvBlock(layers, f"{name}.bottleneck", cin, widths[depth], dropout)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        levels = []
+        for block, pool in zip(self.blocks, self.pools):
+            x = block(x)
+            levels.append(x)
+            x = pool(x)
+        levels.append(self.bottleneck(x))
+        return levels
+
+
+class HeMISUNet(nn.Module):
+    """U-Net with one encoder per modality and HeMIS fusion, so any subset of modalities may be missing.
+
+    Havaei et al. 2016, "HeMIS: Hetero-Modal Image Segmentation" (MICCAI): each modality has its
+    own encoder ("back end"); an abstraction layer fuses the modalities present by their mean and
+    variance (`fuse_modalities`); the shared "front end" segments from the fused features. In the
+    U-Net form (as in Dorent et al. 2019 and ivadomed's HeMIS-UNet) the fusion happens at every
+    encoder level and the bottleneck, and the fused maps are the decoder's skips.
+
+    forward(x, modality_mask): x holds the M = in_channels modalities as channels; modality_mask
+    (B, M) is 1 where a modality is present, 0 where it is missing (its channel is ignored).
+    Training on random subsets (the paper's way to learn robustness) is the data pipeline's job.
+
+    Shape: x (B, M, *S) with every S divisible by 2**depth -> logits (B, out_channels, *S).
+    """
+
+    capabilities = Capabilities(
+        spatial_dims=(2, 3), quantizable=False, exportable=False, mc_dropout=True, extra_inputs=("modality_mask",),
+        notes="it needs a modality-mask input, which the quantization, export and runtime pipelines do not carry yet",
+    )
+    Options = NoOptions
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        depth: int = 3,
+        base_width: int = 16,
+        norm: str = "batch",
+        dropout: float = 0.0,
+        decoder: str = "upsample",
+        layers: LayerFactory | None = None,
+    ):
+        super().__init__()
+        layers = layers or FloatLayers(spatial_dims, norm=norm)
+        self.spatial_dims = spatial_dims
+        self.depth = depth
+        self.modalities = in_channels
+        self.min_input_multiple = 2**depth
+        widths = [base_width * 2**i for i in range(depth + 1)]
+        self.input_quant = layers.input("input")
+        self.modality_encoders = nn.ModuleList(ModalityEncoder(layers, f"mod{m}", widths, dropout)
+                                               for m in range(in_channels))
+        self.decoders = nn.ModuleList()
+        cin = 2 * widths[depth]  # fused bottleneck: mean and variance
+        for level in reversed(range(depth)):
+            self.decoders.append(UpBlock(layers, f"dec{level}", cin, 2 * widths[level], widths[level], decoder,
+                                         dropout if level > 0 else 0.0))
+            cin = widths[level]
+        self.head = layers.head("head", widths[0], out_channels)
+
+    def forward(self, x: torch.Tensor, modality_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if modality_mask is None:
+            raise UserError("model 'hemis_unet' needs its modality-mask input (forward(x, modality_mask)); this "
+                            "pipeline step does not provide one")
+        if modality_mask.shape != (x.shape[0], self.modalities):
+            raise UserError(f"hemis_unet expects a modality mask of shape ({x.shape[0]}, {self.modalities}), "
+                            f"got {tuple(modality_mask.shape)}")
+        if not torch.jit.is_tracing() and bool((modality_mask.sum(dim=1) < 1).any()):
+            raise UserError("hemis_unet: every case needs at least one modality present in its modality mask")
+        x = self.input_quant(x)
+        per_modality = [enc(x[:, m:m + 1]) for m, enc in enumerate(self.modality_encoders)]
+        fused = [fuse_modalities([levels[i] for levels in per_modality], modality_mask) for i in range(self.depth + 1)]
+        y = fused[-1]
+        for dec, skip in zip(self.decoders, reversed(fused[:-1])):
+            y = dec(y, skip)
+        return self.head(y)

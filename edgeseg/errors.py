@@ -17,11 +17,11 @@ class UserError(Exception):
 
 def suggest(name: str, choices: Iterable[str]) -> str:
     """Return ' (did you mean 'x'?)' for the nearest valid name, or '' when nothing is close."""
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def unknown_name(kind: str, name: str, choices: Iterable[str]) -> UserError:
     """Error for an unknown registry/option name, listing the valid ones and the nearest."""
-    choices = sorted(choices)
+    choices = sorted(str(c) for c in choices)
     return UserError(f"unknown {kind} '{name}'{suggest(name, choices)}; choose from: {', '.join(choices)}")

@@ -39,6 +39,26 @@ def parse_tile(text: str | None) -> list[int] | None:
     return values
 
 
+def check_bundle_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse, before any work, a bundle --out that is or holds an input, or that --overwrite would
+    replace although it is not a bundle (a folder of other files is never deleted)."""
+    from edgeseg.runtime.bundle import MANIFEST, is_archive
+
+    target = out.resolve()
+    for source in inputs:
+        source = source.resolve()
+        if target == source or target in source.parents:
+            raise UserError(f"--out {out} would replace the input {source}; choose another --out")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UserError(f"--out {out}: {parent} is a file, not a folder")
+    if out.exists():
+        if not overwrite:
+            raise UserError(f"{out} already exists (pass --overwrite to replace it)")
+        if not ((out.is_dir() and (out / MANIFEST).is_file()) or (out.is_file() and is_archive(out))):
+            raise UserError(f"{out} exists and is not an edgeseg bundle; --overwrite only replaces bundles")
+
+
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A run directory from `edgeseg train` or `edgeseg quantize`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle to write: a directory, or a single file ending in .zip.")],
@@ -52,6 +72,7 @@ def export(
 
     if not run_dir.is_dir():
         raise UserError(f"run directory not found: {run_dir}")
+    check_bundle_output(out, [run_dir], overwrite)
     result = export_run(run_dir, out, target=target, tile=parse_tile(tile), batch=batch, overwrite=overwrite)
     for line in result.summary:
         console.print(f"  {line}", highlight=False)
@@ -69,7 +90,7 @@ def bundle(
     spacing: Annotated[str | None, typer.Option("--spacing", help="Resample to this spacing in mm, e.g. 1,1,1 (default: native).")] = None,
     reorient: Annotated[bool, typer.Option("--reorient/--no-reorient", help="Reorient to RAS+ before inference.")] = True,
     clip_percentiles: Annotated[str, typer.Option("--clip-percentiles", help="Intensity percentiles clipped before normalising.")] = "0.5,99.5",
-    output_kind: Annotated[str, typer.Option("--output-kind", help="logits or probabilities.")] = "logits",
+    output_kind: Annotated[str, typer.Option("--output-kind", help="logits (softmax), probabilities, or sigmoid (binary model, one output channel).")] = "logits",
     batch: Annotated[int, typer.Option("--batch", help="Batch of the TensorRT optimisation profile.")] = 1,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle at --out.")] = False,
 ) -> None:
@@ -79,6 +100,7 @@ def bundle(
     except ImportError as exc:
         raise UserError(f"`edgeseg bundle` needs the onnx package ({exc}); pip install onnx") from None
 
+    check_bundle_output(out, [onnx_model], overwrite)
     percentiles = _floats(clip_percentiles, "--clip-percentiles") or []
     if len(percentiles) != 2:
         raise UserError(f"--clip-percentiles '{clip_percentiles}': expected two numbers like 0.5,99.5")

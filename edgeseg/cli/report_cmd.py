@@ -23,6 +23,27 @@ def _named_bundles(bundles: list[str]) -> list[tuple[str, Path]]:
     return out
 
 
+# What a report directory holds (edgeseg.report.sweep); --overwrite deletes only such a folder.
+REPORT_ENTRIES = ("float_run", "runs", "bundles", "settings", "state", "results.json", "report.md", "report.html")
+
+
+def _check_out(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse an --out that is or holds an input, and an --overwrite of a folder that is not a report."""
+    target = out.resolve()
+    for source in inputs:
+        source = source.resolve()
+        if target == source or (overwrite and target in source.parents):
+            raise UserError(f"--out {out} would replace or delete the input {source}; choose another --out")
+    if overwrite and out.exists():
+        if not out.is_dir():
+            raise UserError(f"--out {out} is a file, not a report folder")
+        foreign = sorted(p.name for p in out.iterdir()
+                         if p.name not in REPORT_ENTRIES and not p.name.startswith(".") and p.suffix != ".png")
+        if foreign:
+            raise UserError(f"--out {out} is not an edgeseg report folder (it holds {', '.join(foreign[:3])}); "
+                            "--overwrite only deletes report folders")
+
+
 def report(
     out: Annotated[Path, typer.Option("--out", "-o", help="Report directory (re-running reuses finished settings).")],
     config: Annotated[Path | None, typer.Option(
@@ -62,6 +83,10 @@ def report(
         raise UserError(f"data folder not found: {data}")
     if config is not None and not config.is_file():
         raise UserError(f"config file not found: {config}")
+    if bundles and not runs and data is None:
+        raise UserError("--bundles needs --data DATASET_FOLDER (bundles do not record where their data lives)")
+    inputs = [p for _, p in existing or []] + list(runs or []) + [p for p in (data, config) if p is not None]
+    _check_out(out, inputs, overwrite)
     if overwrite and out.exists():
         shutil.rmtree(out)
     console = Console()

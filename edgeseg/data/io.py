@@ -130,8 +130,29 @@ def _read_image_file(path: Path) -> Volume:
         affine, header = np.asarray(img.affine, dtype=np.float64), img.header
     bad = int(array.size - np.count_nonzero(np.isfinite(array)))
     if bad:
+        if file_suffix(path) in NIFTI_SUFFIXES and _overflows_float32(img):
+            raise UserError(f"{path}: {bad} voxel(s) exceed the float32 range once scaled (stored as "
+                            f"{img.get_data_dtype()}, scl_slope {img.dataobj.slope:g}, scl_inter {img.dataobj.inter:g}); "
+                            "rescale the image")
         raise UserError(f"{path}: {bad} voxel(s) are NaN or Inf; fix or mask them before use")
     return Volume(array, affine, _spacing(affine, array.ndim - 1), header)
+
+
+def _overflows_float32(img: Any) -> bool:
+    """Whether non-finite float32 voxels come from values too large for float32 (not stored NaN/Inf).
+
+    Integer voxels cannot be NaN or Inf, so any non-finite value is an overflow of the scaling; float64
+    voxels are read again in float64 (only on this error path) to tell the two apart.
+    """
+    dtype = np.dtype(img.get_data_dtype())
+    if dtype.kind in "iub":
+        return True
+    if dtype.itemsize > 4 and dtype.kind == "f":
+        try:
+            return bool(np.isfinite(img.get_fdata(dtype=np.float64)).all())
+        except Exception:  # noqa: BLE001 - only refines the message of an error already being raised
+            return False
+    return False
 
 
 def _open_nifti(path: Path) -> tuple[Any, tuple[int, ...]]:
@@ -267,7 +288,9 @@ def _checked_label_values(path: Path, array: np.ndarray) -> np.ndarray:
         values = np.unique(array[array < 0])[:5]
         raise UserError(f"{path}: negative label values {[int(v) for v in values]}; labels must be >= 0")
     top = int(array.max()) if array.size else 0
-    dtype = np.uint8 if top <= 255 else np.int32 if top < 2**31 else np.int64
+    if top >= 2**31:  # also keeps uint64 values from wrapping to negative numbers below
+        raise UserError(f"{path}: label value {top} is too large to be a class index (stored as {array.dtype})")
+    dtype = np.uint8 if top <= 255 else np.int32
     return array.astype(dtype, copy=False)
 
 

@@ -52,6 +52,9 @@ def make_bundle(onnx_path: Path, out: Path, *, class_names: Sequence[str], tile:
         raise unknown_name("output kind", output_kind, OUTPUT_KINDS)
     if len(class_names) < 1 or any(not c for c in class_names):
         raise UserError("--classes needs one non-empty name per output channel, e.g. background,liver")
+    if output_kind == "sigmoid" and len(class_names) != 2:
+        raise UserError("--output-kind sigmoid is for a binary model with one output channel: "
+                        "--classes needs exactly two names, e.g. background,lesion")
     try:
         model = onnx.load(str(onnx_path))  # external data next to the file is read in
         onnx.checker.check_model(model)
@@ -94,10 +97,11 @@ def make_bundle(onnx_path: Path, out: Path, *, class_names: Sequence[str], tile:
         result = ort_run(model, {inputs[0].name: probe})
     except Exception as exc:  # noqa: BLE001 - onnxruntime's pybind errors share no base class but Exception
         raise UserError(f"{onnx_path}: ONNX Runtime cannot run the model on a {tile} tile ({exc})") from None
-    expected = (1, len(class_names), *tile)
+    expected = (1, 1 if output_kind == "sigmoid" else len(class_names), *tile)
     if tuple(result.shape) != expected:
+        per = "one sigmoid channel" if output_kind == "sigmoid" else "one channel per --classes name"
         raise UserError(f"{onnx_path}: output '{out_name}' has shape {list(result.shape)} for a {tile} tile; "
-                        f"expected {list(expected)} (one channel per --classes name)")
+                        f"expected {list(expected)} ({per})")
 
     problems = check_trt_onnx(model)
     form = ModelForm(file=MODEL_FILE, backend="any" if not problems else "onnxruntime", precision="fp32",

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 from collections.abc import Mapping, Sequence
 from math import prod
 from typing import Any
@@ -165,7 +166,12 @@ def open_tensorrt(bundle: Bundle, *, mc: bool = False, batch_size: int = 1,
     form = pick_trt_form(manifest, None, mc)
     profile = plan_profile(manifest, form, batch_size, tile)
     built = build_engine(bundle.path, form=form, mc=mc, batch=batch_size, tile=tile)
-    engine = load_engine(built.path)
+    try:
+        engine = load_engine(built.path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # the engine's .json build record is damaged
+        record = built.path.with_name(built.path.name + ".json")
+        raise UserError(f"{record}: unreadable engine record ({type(exc).__name__}: {exc}); rebuild with "
+                        "`edgeseg build-engine --force`") from None
     state = "cached engine" if built.cached else "engine built now"
     description = (f"tensorrt {built.trt_version}: form '{form}' ({manifest.form(form).precision}) on {built.gpu.name}, "
                    f"{state} {built.path.name}")

@@ -20,6 +20,7 @@ import yaml
 from edgeseg import __version__
 from edgeseg.atomic import write_json, write_text
 from edgeseg.config import ExperimentConfig, from_dict, to_dict
+from edgeseg.config.loader import read_yaml
 from edgeseg.errors import UserError
 
 
@@ -72,7 +73,7 @@ class RunDir:
     def read_config(self) -> ExperimentConfig:
         if not self.config_path.is_file():
             raise UserError(f"{self.path} is not an edgeseg run directory (no config.yaml)")
-        return from_dict(ExperimentConfig, yaml.safe_load(self.config_path.read_text()) or {})
+        return from_dict(ExperimentConfig, read_yaml(self.config_path))
 
     def write_info(self, info: RunInfo) -> None:
         write_json(self.info_path, asdict(info))

@@ -74,3 +74,33 @@ def test_models_with_two_inputs_or_no_file_are_refused(tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     with pytest.raises(UserError, match="not a valid ONNX model"):
         make_bundle(tmp_path / "junk.onnx", tmp_path / "b", class_names=["a"])
+
+
+def test_binary_sigmoid_model_segments_where_its_logit_is_positive(tmp_path):
+    # ivadomed and many MONAI binary models emit one sigmoid logit. Oracle: the model's own logit
+    # (run directly in ONNX Runtime on the same normalised image) is > 0 exactly where the runtime
+    # labels foreground, and the foreground probability is sigmoid(logit) (scipy.special.expit).
+    from scipy.special import expit
+
+    from edgeseg.data.io import Volume
+    from edgeseg.runtime.backends import open_backend
+    from edgeseg.runtime.pipeline import segment_volume
+
+    src = _segmenter(tmp_path / "seg.onnx", classes=1)
+    with pytest.raises(UserError, match="exactly two names"):
+        make_bundle(src, tmp_path / "bad", class_names=["bg", "a", "b"], tile=[16, 16], output_kind="sigmoid")
+    with pytest.raises(UserError, match="one sigmoid channel"):
+        make_bundle(_segmenter(tmp_path / "two.onnx", classes=2), tmp_path / "bad2", class_names=["bg", "fg"],
+                    tile=[16, 16], output_kind="sigmoid")
+    make_bundle(src, tmp_path / "bundle", class_names=["bg", "lesion"], tile=[16, 16], output_kind="sigmoid",
+                normalization="none", reorient=False)
+    bundle = load_bundle(tmp_path / "bundle")
+    image = np.random.default_rng(2).standard_normal((16, 16)).astype(np.float32)
+    volume = Volume(image[None], np.eye(4), (1.0, 1.0), None)
+    backend = open_backend(bundle, "onnxruntime")
+    seg = segment_volume(volume, bundle.manifest, backend, probabilities=True, tile=[16, 16])
+    backend.close()
+    logit = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"input": image[None, None]})[0][0, 0]
+    np.testing.assert_array_equal(seg.labels, (logit > 0).astype(np.uint8))
+    np.testing.assert_allclose(seg.probabilities[1], expit(logit), atol=1e-6)
+    np.testing.assert_allclose(seg.probabilities.sum(axis=0), 1.0, atol=1e-6)

@@ -44,6 +44,7 @@ from edgeseg.quantize.twin import (
     twin_spec,
     weight_bits_total,
 )
+from edgeseg.train import distributed
 from edgeseg.train.checkpoint import load_weights, save_weights
 from edgeseg.train.evaluation import evaluate_predictions, mean_foreground_dice
 from edgeseg.train.experiment import load_cases, load_run_model
@@ -96,6 +97,9 @@ def quantize_run(
 
     configure_torch(cfg.train)
     device = pick_device(cfg.train.device)
+    distributed.setup(device)  # under torchrun: join before rank 0 writes, so no rank sees its files as "a run"
+    distributed.barrier()
+    main = distributed.is_main()  # only rank 0 writes run files (the ranks compute the same metrics)
     float_model, _, _ = load_run_model(run_dir)
     folded = fold_batch_norms(float_model)
     spec = twin_spec(cfg.model, quant, qbits)
@@ -120,11 +124,12 @@ def quantize_run(
     patch = tuple(info.patch_size)
 
     out.mkdir(parents=True, exist_ok=True)
-    qrun.write_config(cfg)
     qinfo = replace(info, bits=str(qbits), parent_run=str(run_dir.resolve()), data_root=str(root.resolve()),
                     extra={**info.extra, "layer_plan": plan, "float_islands": islands,
                            "folded_batch_norms": len(folded)})
-    qrun.write_info(qinfo)
+    if main:
+        qrun.write_config(cfg)
+        qrun.write_info(qinfo)
     console.print(f"quantizing {run_dir} to {qbits} ({_plan_summary(plan, spec.first_last)}); "
                   f"{len(folded)} batch norms folded; float islands: {_short_list(islands)}; "
                   f"device {device}; run dir {out}")
@@ -146,10 +151,12 @@ def quantize_run(
         metrics["qat"] = _fine_tune(twin, sample_cases, val_cases, patch, cfg, qinfo, pspec, device, qrun,
                                     weights_meta, console)
         if metrics["qat"]["interrupted"]:
-            write_json(out / "metrics.json", metrics)
+            if main:
+                write_json(out / "metrics.json", metrics)
             return metrics
+        distributed.barrier()  # rank 0's best checkpoint is complete before every rank reads it
         load_weights(qrun.best, twin)
-    else:
+    elif main:
         save_weights(qrun.best, twin, {**weights_meta, "epoch": 0, "val_dice": None})
 
     metrics["splits"] = {}
@@ -172,7 +179,8 @@ def quantize_run(
         }
     if "val" in metrics["splits"]:
         metrics["splits"]["val"]["note"] = "the quantized checkpoint was selected on val; test is unbiased"
-    write_json(out / "metrics.json", metrics)
+    if main:
+        write_json(out / "metrics.json", metrics)
     console.print(_comparison_table(metrics, str(qbits)))
     return metrics
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.special import softmax
+from scipy.special import expit, softmax
 
 from edgeseg.data.io import (
     IMAGE_SUFFIXES,
@@ -139,7 +139,8 @@ def tile_warning(manifest: Manifest, tile: Sequence[int]) -> str | None:
 # ------------------------------------------------------------------------------------- predictors
 
 
-def model_predictor(backend: Backend, manifest: Manifest, sampling: Sampling, *, keep_samples: bool) -> Predictor:
+def model_predictor(backend: Backend, manifest: Manifest, sampling: Sampling, *, keep_samples: bool,
+                    batch_size: int | None = None) -> Predictor:
     """Tile batch -> class probabilities under every sample, or their mean.
 
     Shape: (B, C_in, *T) -> (B, S * K, *T) with keep_samples (sample s in channels [s*K, (s+1)*K),
@@ -149,10 +150,14 @@ def model_predictor(backend: Backend, manifest: Manifest, sampling: Sampling, *,
 
     def probabilities(batch: np.ndarray, masks: dict[str, np.ndarray] | None) -> np.ndarray:
         out = backend.run(batch, masks)
-        if out.shape[1] != num_classes:
-            raise UserError(f"the model returns {out.shape[1]} channels but the bundle lists {num_classes} classes")
+        if out.shape[1] != manifest.model_channels():
+            raise UserError(f"the model returns {out.shape[1]} channels but the bundle lists {num_classes} classes"
+                            f" (output_kind {manifest.output_kind})")
         if manifest.output_kind == "logits":
             out = softmax(out, axis=1)
+        elif manifest.output_kind == "sigmoid":
+            foreground = expit(out)
+            out = np.concatenate([1.0 - foreground, foreground], axis=1)
         return out.astype(np.float32, copy=False)
 
     def mc(batch: np.ndarray) -> np.ndarray:
@@ -162,7 +167,8 @@ def model_predictor(backend: Backend, manifest: Manifest, sampling: Sampling, *,
                 for masks in sampling.mc_masks]
         return np.concatenate(outs, axis=1)
 
-    predict: Predictor = mc if sampling.flips == [()] else tta_predictor(mc, sampling.flips)
+    # TTA packs the flipped tiles into calls of batch_size (the backend's batch; TensorRT's profile batch).
+    predict: Predictor = mc if sampling.flips == [()] else tta_predictor(mc, sampling.flips, batch_size)
     if keep_samples or sampling.num_samples == 1:
         return predict
     count = sampling.num_samples
@@ -329,7 +335,7 @@ def segment_prepared(prepared: Prepared, manifest: Manifest, backend: Backend, *
                          batch_size=batch_size, blend=blend, tile=tile, iou_threshold=iou_threshold)
     keep = uncertainty or iou_threshold is not None
     sampling = make_sampling(manifest, tta_axes=tta_axes, mc_passes=mc_passes, rng=np.random.default_rng(seed))
-    predict = model_predictor(backend, manifest, sampling, keep_samples=keep)
+    predict = model_predictor(backend, manifest, sampling, keep_samples=keep, batch_size=batch_size)
     slice_axis = DEFAULT_SLICE_AXIS if manifest.slice_axis is None else manifest.slice_axis
     grid = predict_on_grid(prepared.image, predict, num_classes=len(manifest.class_names),
                            num_samples=sampling.num_samples if keep else 1, model_dims=manifest.spatial_dims,
@@ -477,6 +483,75 @@ def check_outputs(cases: Sequence[InputCase], plans: Sequence[OutputPaths], over
                 raise UserError(f"{path} already exists (pass --overwrite to replace it)")
 
 
+@dataclass(frozen=True)
+class SegmentOptions:
+    """How every volume of a call is segmented, resolved against the bundle (`segment_options`).
+
+    Plain values only, so batch workers (`edgeseg.runtime.batch`) receive a copy.
+    """
+
+    tta_axes: tuple[int, ...] | None = None  # None = no TTA
+    mc_passes: int = 0
+    keep_samples: bool = False  # uncertainty outputs (entropy map, JSON summary, structure removal)
+    probabilities: bool = False
+    overlap: float = 0.5
+    batch_size: int = 1
+    blend: str = "gaussian"
+    tile: tuple[int, ...] = ()
+    iou_threshold: float | None = None
+    seed: int = 0
+
+
+def segment_options(manifest: Manifest, *, tta: bool = False, tta_axes: Sequence[int] | None = None,
+                    mc_passes: int = 0, uncertainty: bool = False, probabilities: bool = False, overlap: float = 0.5,
+                    batch_size: int | None = None, blend: str = "gaussian", tile: Sequence[int] | None = None,
+                    iou_threshold: float | None = None, seed: int = 0) -> SegmentOptions:
+    """`segment_files`' options with defaults filled in from the bundle, checked (UserError) before any work."""
+    batch = manifest.batch if batch_size is None else batch_size
+    if tta_axes is None and tta:
+        tta_axes = list(range(manifest.spatial_dims))
+    keep = uncertainty or iou_threshold is not None
+    checked = check_options(manifest, tta_axes=tta_axes, mc_passes=mc_passes, uncertainty=keep, overlap=overlap,
+                            batch_size=batch, blend=blend, tile=tile, iou_threshold=iou_threshold)
+    return SegmentOptions(tta_axes=None if tta_axes is None else tuple(tta_axes), mc_passes=mc_passes,
+                          keep_samples=keep, probabilities=probabilities, overlap=overlap, batch_size=batch,
+                          blend=blend, tile=tuple(checked), iou_threshold=iou_threshold, seed=seed)
+
+
+def plan_outputs(cases: Sequence[InputCase], out_dir: Path | str, options: SegmentOptions) -> list[OutputPaths]:
+    return [output_paths(c, Path(out_dir), probabilities=options.probabilities, uncertainty=options.keep_samples)
+            for c in cases]
+
+
+def segment_case(case: InputCase, plan: OutputPaths, manifest: Manifest, engine: Backend, options: SegmentOptions, *,
+                 bundle_path: Path | str, on_batch: OnBatch | None = None) -> CaseResult:
+    """Read, segment and write one case (every file atomically); the unit of work of `segment_files` and of
+    each batch worker."""
+    from edgeseg.atomic import write_json
+
+    started = time.perf_counter()
+    prepared = prepare(read_image(list(case.paths)), manifest, str(case.paths[0]))
+    original = prepared.original
+    seg = segment_prepared(prepared, manifest, engine, tta_axes=options.tta_axes, mc_passes=options.mc_passes,
+                           uncertainty=options.keep_samples, probabilities=options.probabilities,
+                           overlap=options.overlap, batch_size=options.batch_size, blend=options.blend,
+                           tile=options.tile, iou_threshold=options.iou_threshold, seed=options.seed,
+                           on_batch=on_batch)
+    del prepared
+    write_label(plan.mask, seg.labels, original)
+    if plan.probabilities is not None and seg.probabilities is not None:
+        write_map(plan.probabilities, seg.probabilities, original)
+    if plan.uncertainty is not None and seg.uncertainty is not None:
+        write_map(plan.uncertainty, seg.uncertainty, original)
+    volumes = seg.class_volumes_mm3(original.spacing, manifest.class_names)
+    seconds = time.perf_counter() - started
+    if plan.summary is not None:
+        write_json(plan.summary, _summary(case, plan, seg, volumes, original, bundle_path, engine,
+                                          options.iou_threshold, seconds))
+    return CaseResult(case=case, outputs=plan, seconds=seconds, volumes_mm3=volumes,
+                      structures=None if seg.structures is None else len(seg.structures), removed=seg.removed)
+
+
 def segment_files(
     bundle_path: Path | str,
     inputs: Sequence[str | Path],
@@ -504,53 +579,31 @@ def segment_files(
 
     TTA flips `tta_axes` when given, else every spatial axis of the model with `tta`.
     Everything that can be checked is checked before the first volume runs (options, inputs,
-    existing outputs). `on_start(backend description, number of cases)`, `on_batch(done, total)`
-    (tile batches of the current volume) and `on_case(result)` report progress.
+    existing outputs); the first failing volume stops the call (`edgeseg.runtime.batch` keeps going
+    instead and runs volumes in parallel). `on_start(backend description, number of cases)`,
+    `on_batch(done, total)` (tile batches of the current volume) and `on_case(result)` report progress.
     """
-    from edgeseg.atomic import write_json
     from edgeseg.runtime.backends import open_backend
     from edgeseg.runtime.bundle import load_bundle
 
     bundle = load_bundle(bundle_path)
     manifest = bundle.manifest
-    batch = manifest.batch if batch_size is None else batch_size
-    if tta_axes is None and tta:
-        tta_axes = list(range(manifest.spatial_dims))
-    keep = uncertainty or iou_threshold is not None
-    tile = check_options(manifest, tta_axes=tta_axes, mc_passes=mc_passes, uncertainty=keep, overlap=overlap,
-                         batch_size=batch, blend=blend, tile=tile, iou_threshold=iou_threshold)
+    options = segment_options(manifest, tta=tta, tta_axes=tta_axes, mc_passes=mc_passes, uncertainty=uncertainty,
+                              probabilities=probabilities, overlap=overlap, batch_size=batch_size, blend=blend,
+                              tile=tile, iou_threshold=iou_threshold, seed=seed)
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be >= 1, got {threads}")
     cases = collect_inputs(inputs, manifest.in_channels)
-    plans = [output_paths(c, Path(out_dir), probabilities=probabilities, uncertainty=keep) for c in cases]
+    plans = plan_outputs(cases, out_dir, options)
     check_outputs(cases, plans, overwrite)
-    engine = open_backend(bundle, backend, mc=mc_passes > 0, threads=threads, batch_size=batch, tile=tile)
+    engine = open_backend(bundle, backend, mc=mc_passes > 0, threads=threads, batch_size=options.batch_size,
+                          tile=list(options.tile))
     if on_start is not None:
         on_start(engine.description, len(cases))
     results = []
     try:
         for case, plan in zip(cases, plans):
-            started = time.perf_counter()
-            source = str(case.paths[0])
-            prepared = prepare(read_image(list(case.paths)), manifest, source)
-            original = prepared.original
-            seg = segment_prepared(prepared, manifest, engine, tta_axes=tta_axes, mc_passes=mc_passes,
-                                   uncertainty=keep, probabilities=probabilities, overlap=overlap, batch_size=batch,
-                                   blend=blend, tile=tile, iou_threshold=iou_threshold, seed=seed, on_batch=on_batch)
-            del prepared
-            write_label(plan.mask, seg.labels, original)
-            if plan.probabilities is not None and seg.probabilities is not None:
-                write_map(plan.probabilities, seg.probabilities, original)
-            if plan.uncertainty is not None and seg.uncertainty is not None:
-                write_map(plan.uncertainty, seg.uncertainty, original)
-            volumes = seg.class_volumes_mm3(original.spacing, manifest.class_names)
-            seconds = time.perf_counter() - started
-            if plan.summary is not None:
-                write_json(plan.summary, _summary(case, plan, seg, volumes, original, bundle_path, engine,
-                                                  iou_threshold, seconds))
-            result = CaseResult(case=case, outputs=plan, seconds=seconds, volumes_mm3=volumes,
-                                structures=None if seg.structures is None else len(seg.structures),
-                                removed=seg.removed)
+            result = segment_case(case, plan, manifest, engine, options, bundle_path=bundle_path, on_batch=on_batch)
             results.append(result)
             if on_case is not None:
                 on_case(result)

@@ -46,18 +46,24 @@ def flip(batch: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
 undo_flip = flip  # named for readability where an output is flipped back
 
 
-def tta_predictor(predict: Predictor, flips: Sequence[tuple[int, ...]]) -> Predictor:
+def tta_predictor(predict: Predictor, flips: Sequence[tuple[int, ...]], max_batch: int | None = None) -> Predictor:
     """Predictor returning every flip's (un-flipped) output stacked on the channel axis.
 
     Shape: (B, C_in, *T) -> (B, S * C_out, *T), sample s (flip set flips[s]) in channels
-    [s*C_out, (s+1)*C_out). Each flip is one `predict` call on the same batch size.
+    [s*C_out, (s+1)*C_out). The flipped copies of all B tiles are packed into `predict` calls of
+    `max_batch` tiles (default B), so a slab of 3 tiles with 8 flips costs 6 full calls of 4, not 8 of 3.
     """
     if not flips:
         raise UserError("TTA needs at least one flip set (the identity is ())")
+    if max_batch is not None and max_batch < 1:
+        raise UserError(f"batch size must be >= 1, got {max_batch}")
 
     def run(batch: np.ndarray) -> np.ndarray:
-        outs = [undo_flip(np.asarray(predict(np.ascontiguousarray(flip(batch, f)))), f) for f in flips]
-        return np.concatenate(outs, axis=1)
+        size = len(batch)
+        stacked = np.concatenate([flip(batch, f) for f in flips], axis=0)  # (F * B, C_in, *T), contiguous
+        chunk = max_batch or size
+        out = np.concatenate([np.asarray(predict(stacked[i:i + chunk])) for i in range(0, len(stacked), chunk)])
+        return np.concatenate([undo_flip(out[k * size:(k + 1) * size], f) for k, f in enumerate(flips)], axis=1)
 
     return run
 

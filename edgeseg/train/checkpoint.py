@@ -5,6 +5,9 @@ A training checkpoint holds the model weights ("model/..."), the optimizer's ten
 scheduler state, trainer counters, the numpy sampler's RNG state) as JSON in the safetensors
 metadata. One file means one atomic rename: a kill at any moment leaves either the previous
 checkpoint or the new one.
+
+Checkpoints hold the plain module's state (a DistributedDataParallel wrapper is looked through)
+and nothing that depends on the number of processes, so a run resumes under any world size.
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from edgeseg.atomic import atomic_path
 from edgeseg.errors import UserError
+from edgeseg.train.distributed import unwrap
 
 FORMAT = "edgeseg-checkpoint-1"
 
 
 def save_weights(path: Path, model: torch.nn.Module, metadata: dict[str, Any] | None = None) -> None:
     """Model weights only (what export and evaluation need)."""
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in unwrap(model).state_dict().items()}
     meta = {"format": FORMAT, "kind": "weights", "meta": json.dumps(metadata or {})}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
@@ -52,7 +56,7 @@ def save_training_state(
 ) -> None:
     """Everything `--resume` needs, in one safetensors file."""
     tensors: dict[str, torch.Tensor] = {
-        f"model/{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()
+        f"model/{k}": v.detach().cpu().contiguous().clone() for k, v in unwrap(model).state_dict().items()
     }
     opt = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
@@ -85,7 +89,7 @@ def load_training_state(
     tensors, meta = _read(path)
     if meta.get("kind") != "training":
         raise UserError(f"{path}: not a training checkpoint (cannot resume from it)")
-    model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
+    unwrap(model).load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optim/"):

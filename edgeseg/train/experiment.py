@@ -16,6 +16,7 @@ from edgeseg.data.cases import PreparedCase, prepare_cases, to_slices
 from edgeseg.errors import UserError
 from edgeseg.losses import build_loss
 from edgeseg.nets import build_from_config
+from edgeseg.train import distributed
 from edgeseg.train.checkpoint import load_weights
 from edgeseg.train.loop import FitParts, FitResult, FitSchedule, fit
 from edgeseg.train.rundir import RunDir, RunInfo
@@ -42,10 +43,25 @@ def _check_dims(cases: list[PreparedCase], spatial_dims: int, source: str) -> No
         raise UserError(f"{source}: the data is 2D but data.spatial_dims is 3 (set data.spatial_dims=2)")
 
 
+def _refuse_extra_inputs(model_name: str) -> None:
+    """Models that need per-case extra inputs (FiLM metadata, HeMIS modality masks) have no data plumbing yet."""
+    from edgeseg.nets.registry import model_capabilities
+
+    extra = model_capabilities(model_name).extra_inputs
+    if extra:
+        raise UserError(f"model '{model_name}' needs extra inputs ({', '.join(extra)}) that edgeseg's data loading "
+                        "does not provide yet; it can be built and tested as a module but not trained from a config")
+
+
 def train_experiment(cfg: ExperimentConfig, out: Path, *, resume: bool = False, config_dir: Path | None = None,
                      console: Console | None = None) -> FitResult:
-    """Train the float model an experiment describes into run directory `out`."""
+    """Train the float model an experiment describes into run directory `out`.
+
+    Under torchrun every process calls this: each loads the data, rank 0 alone writes the run
+    directory, and `fit` trains data-parallel (`edgeseg.train.distributed`).
+    """
     console = console or Console()
+    _refuse_extra_inputs(cfg.model.name)
     run = RunDir(out)
     if resume:
         if not run.last.is_file():
@@ -54,13 +70,18 @@ def train_experiment(cfg: ExperimentConfig, out: Path, *, resume: bool = False, 
     elif run.last.is_file() or run.config_path.is_file():
         raise UserError(f"{out} already holds a run; use --resume to continue it or choose another --out")
     configure_torch(cfg.train)
-    device = pick_device(cfg.train.device)
+    ctx = distributed.setup(pick_device(cfg.train.device))
+    device = ctx.device
+    if not ctx.is_main:
+        console = Console(quiet=True)
+    distributed.barrier()  # every rank has checked `out` before rank 0 writes into it
     out.mkdir(parents=True, exist_ok=True)
     recorded = run.read_info().data_root if resume and run.info_path.is_file() else None
     if recorded and Path(recorded).is_dir():
         root = Path(recorded)  # a resumed run trains on the folder it started on, wherever it is resumed from
     else:
-        root = resolve_data_root(cfg, out, config_dir)
+        with distributed.main_first():  # rank 0 writes synthetic phantoms once; the others then read them
+            root = resolve_data_root(cfg, out, config_dir)
     if cfg.data.root == "synthetic":
         cfg = replace(cfg, data=replace(cfg.data, root=str(root.resolve())))
     splits = load_data_splits(root, cfg.data.layout, cfg.data.splits, cfg.train.seed)
@@ -85,7 +106,7 @@ def train_experiment(cfg: ExperimentConfig, out: Path, *, resume: bool = False, 
     scheduler = build_scheduler(optimizer, cfg.train.schedule, total, cfg.train.warmup_epochs * cfg.train.steps_per_epoch)
     sampler = BatchSampler(sample_cases, patch, cfg.data.foreground_oversample,
                            build_augmentation(cfg.augment, cfg.data.spatial_dims), seed=cfg.train.seed)
-    if not resume:
+    if not resume and ctx.is_main:
         run.write_config(cfg)
         run.write_info(RunInfo(
             spatial_dims=cfg.data.spatial_dims, in_channels=in_channels, class_names=list(cfg.data.class_names),

@@ -1,7 +1,9 @@
 """The training loop: epochs of sampled batches, validation, best/last checkpoints, exact resume.
 
 Used by `edgeseg train` (float) and by `edgeseg quantize` (QAT fine-tuning) alike: the caller
-builds the model, loss, optimizer, scheduler and sampler; this module only runs them.
+builds the model, loss, optimizer, scheduler and sampler; this module only runs them. Under
+torchrun the same loop runs data-parallel (`edgeseg.train.distributed`): DDP for the gradients, a
+sharded sampler, validation split over ranks, and files written by rank 0 only.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from edgeseg.data.cases import PreparedCase
 from edgeseg.data.preprocess import PreprocessSpec
+from edgeseg.errors import UserError
+from edgeseg.metrics import aggregate
+from edgeseg.train import distributed
 from edgeseg.train.checkpoint import load_training_state, save_training_state, save_weights
 from edgeseg.train.evaluation import evaluate_predictions, mean_foreground_dice
 from edgeseg.train.inference import predict_labels
@@ -69,13 +74,24 @@ class FitResult:
 
 
 def validate(parts: FitParts) -> dict[str, Any]:
-    """Whole-volume validation on the original grids; returns evaluate_predictions' dict."""
+    """Whole-volume validation on the original grids; returns evaluate_predictions' dict.
+
+    Under torchrun each rank scores every world_size-th case and the per-case metrics are gathered,
+    so every rank returns the same summary as one process scoring all cases.
+    """
 
     def predict(case: PreparedCase) -> np.ndarray:
         return predict_labels(parts.model, case.image, parts.tile_size or parts.patch_size, parts.device,
                               parts.spatial_dims, parts.slice_axis)
 
-    return evaluate_predictions(parts.val_cases, predict, parts.spec, parts.class_names, parts.include_background)
+    rank, world = distributed.rank(), distributed.world_size()
+    if world == 1:
+        return evaluate_predictions(parts.val_cases, predict, parts.spec, parts.class_names, parts.include_background)
+    mine = evaluate_predictions(parts.val_cases[rank::world], predict, parts.spec, parts.class_names,
+                                parts.include_background)["cases"]
+    merged = {name: m for part in distributed.gather_objects(mine) for name, m in part.items()}
+    per_case = {c.name: merged[c.name] for c in parts.val_cases if c.name in merged}
+    return {"cases": per_case, "summary": aggregate(list(per_case.values()))}
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -129,16 +145,32 @@ class GracefulInterrupt:
 
 def fit(parts: FitParts, schedule: FitSchedule, run: RunDir, *, resume: bool, console: Console | None = None,
         weights_meta: dict[str, Any] | None = None) -> FitResult:
-    """Train, validating every `val_every` epochs; `resume` continues from run.last exactly."""
+    """Train, validating every `val_every` epochs; `resume` continues from run.last exactly.
+
+    Under torchrun (see `edgeseg.train.distributed`) every rank runs this; `schedule.batch_size` is
+    the global batch, and only rank 0 writes checkpoints and the log.
+    """
     console = console or Console()
-    model, device = parts.model.to(parts.device), parts.device
+    ctx = distributed.setup(parts.device)
+    main = ctx.is_main
+    model, device = parts.model.to(ctx.device), ctx.device
+    parts = replace(parts, model=model, device=device)
+    parts.sampler.shard(ctx.rank, ctx.world_size)
+    if schedule.batch_size % ctx.world_size:
+        raise UserError(f"train.batch_size {schedule.batch_size} (the global batch) must be divisible by the "
+                        f"number of processes ({ctx.world_size})")
     state: dict[str, Any] = {"epoch": 0, "step": 0, "loss_sum": 0.0, "loss_n": 0, "best_dice": None,
                              "best_epoch": None, "seconds": 0.0}
     if resume:
         state = load_training_state(run.last, model, parts.optimizer, parts.scheduler)
         parts.sampler.set_state(state.pop("sampler_rng"))
-        run.truncate_log(state["epoch"])
+        if main:
+            run.truncate_log(state["epoch"])
         console.print(f"resuming from epoch {state['epoch'] + 1}, step {state['step']} ({run.last})")
+    net = distributed.wrap_model(model, ctx)  # DDP under torchrun; `model` stays the unwrapped module
+    if ctx.active:
+        console.print(f"data-parallel: {ctx.world_size} processes, global batch {schedule.batch_size} "
+                      f"({schedule.batch_size // ctx.world_size} per process), backend {distributed_backend()}")
     scaler = torch.amp.GradScaler("cuda", enabled=schedule.amp and device.type == "cuda"
                                   and not torch.cuda.is_bf16_supported())
     history: list[dict[str, Any]] = []
@@ -147,8 +179,9 @@ def fit(parts: FitParts, schedule: FitSchedule, run: RunDir, *, resume: bool, co
 
     def snapshot() -> None:
         state["seconds"] = time.monotonic() - started
-        save_training_state(run.last, model, parts.optimizer, parts.scheduler,
-                            {**state, "sampler_rng": parts.sampler.get_state()})
+        if main:
+            save_training_state(run.last, model, parts.optimizer, parts.scheduler,
+                                {**state, "sampler_rng": parts.sampler.get_state()})
 
     columns = (TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn())
@@ -162,26 +195,30 @@ def fit(parts: FitParts, schedule: FitSchedule, run: RunDir, *, resume: bool, co
                     task = progress.add_task("train", total=schedule.steps_per_epoch, completed=state["step"],
                                              epoch=epoch, loss=0.0)
                     while state["step"] < schedule.steps_per_epoch:
-                        if stop.requested:
+                        if distributed.any_rank(stop.requested):  # all ranks stop at the same step
                             raise _StopRequested
                         images, labels = parts.sampler.next_batch(schedule.batch_size)
                         x = torch.from_numpy(images).to(device)
                         y = torch.from_numpy(labels).to(device)
                         parts.optimizer.zero_grad(set_to_none=True)
                         with _autocast(device, schedule.amp):
-                            loss = parts.loss_fn(model(x), y)
-                        if not torch.isfinite(loss):
-                            raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch}, step {state['step']}")
+                            loss = parts.loss_fn(net(x), y)
+                        loss_value = distributed.mean_over_ranks(loss.detach())  # the global batch's loss
+                        if not np.isfinite(loss_value):
+                            raise FloatingPointError(f"loss became {loss_value} at epoch {epoch}, step {state['step']}")
                         scaler.scale(loss).backward()
                         scaler.step(parts.optimizer)
                         scaler.update()
                         parts.scheduler.step()
                         state["step"] += 1
-                        state["loss_sum"] += float(loss.item())
+                        state["loss_sum"] += loss_value
                         state["loss_n"] += 1
                         progress.update(task, advance=1, loss=state["loss_sum"] / state["loss_n"])
                 record: dict[str, Any] = {"epoch": epoch, "train_loss": state["loss_sum"] / max(state["loss_n"], 1),
                                           "lr": parts.optimizer.param_groups[0]["lr"]}
+                if ctx.active:
+                    record["processes"] = ctx.world_size
+                distributed.broadcast_buffers(model)  # one set of batch-norm statistics for validation and checkpoints
                 if parts.val_cases and (epoch % schedule.val_every == 0 or epoch == schedule.epochs):
                     summary = validate(parts)["summary"]
                     dice = mean_foreground_dice(summary)
@@ -189,24 +226,32 @@ def fit(parts: FitParts, schedule: FitSchedule, run: RunDir, *, resume: bool, co
                     record["val_dice_per_class"] = {c: v["dice"]["mean"] for c, v in summary.items() if c != "mean"}
                     if state["best_dice"] is None or dice > state["best_dice"]:
                         state["best_dice"], state["best_epoch"] = dice, epoch
-                        save_weights(run.best, model, {**(weights_meta or {}), "epoch": epoch, "val_dice": dice})
+                        if main:
+                            save_weights(run.best, model, {**(weights_meta or {}), "epoch": epoch, "val_dice": dice})
                 state.update(epoch=epoch, step=0, loss_sum=0.0, loss_n=0)
                 record["seconds"] = round(time.monotonic() - started, 1)
                 snapshot()
-                run.append_log(record)
+                if main:
+                    run.append_log(record)
                 history.append(record)
                 _print_epoch(console, record, schedule.epochs)
-                if schedule.max_minutes is not None and record["seconds"] > 60 * schedule.max_minutes:
+                over_budget = schedule.max_minutes is not None and record["seconds"] > 60 * schedule.max_minutes
+                if distributed.any_rank(over_budget):
                     console.print(f"time budget of {schedule.max_minutes} min reached after epoch {epoch}")
                     break
         except _StopRequested:
             snapshot()
             interrupted = True
             console.print(f"[yellow]interrupted: state saved to {run.last}; continue with --resume")
-    if not parts.val_cases:
+    if not parts.val_cases and main:
         save_weights(run.best, model, {**(weights_meta or {}), "epoch": state["epoch"], "val_dice": None})
+    distributed.barrier()  # rank 0's files exist before any rank returns (callers may read them)
     return FitResult(state["epoch"], state["best_dice"], state["best_epoch"], interrupted,
                      time.monotonic() - started, history)
+
+
+def distributed_backend() -> str:
+    return torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
 
 
 def _print_epoch(console: Console, record: dict[str, Any], epochs: int) -> None:

@@ -136,14 +136,18 @@ def test_uncertainty_outputs_and_summary(bundle3d, hippo, tmp_path):
     assert f"{len(summary['structures'])} structures" in result.output
 
 
-def test_existing_outputs_need_overwrite(bundle3d, hippo, tmp_path):
+def test_rerun_skips_finished_cases_and_overwrite_redoes_them(bundle3d, hippo, tmp_path):
+    # Batch segmentation resumes: a re-run never clobbers a finished output, it skips it;
+    # --overwrite recomputes it.
     args = [bundle3d, hippo / "hippocampus_001.nii.gz", "-o", tmp_path / "out", "--backend", "onnxruntime"]
     assert run(*args).exit_code == 0
-    before = (tmp_path / "out" / "hippocampus_001.nii.gz").stat().st_mtime_ns
-    refused = run(*args)
-    assert isinstance(refused.exception, UserError) and "--overwrite" in str(refused.exception)
-    assert (tmp_path / "out" / "hippocampus_001.nii.gz").stat().st_mtime_ns == before
+    mask = tmp_path / "out" / "hippocampus_001.nii.gz"
+    before = mask.stat().st_mtime_ns
+    again = run(*args)
+    assert again.exit_code == 0 and "skipping 1 case(s)" in again.output
+    assert mask.stat().st_mtime_ns == before
     assert run(*args, "--overwrite").exit_code == 0
+    assert mask.stat().st_mtime_ns > before
 
 
 @pytest.mark.parametrize("extra, message", [

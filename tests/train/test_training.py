@@ -100,3 +100,15 @@ def test_2d_model_trains_on_slices_of_3d_volumes(tmp_path):
                                         "train.steps_per_epoch=2"])
     result = train_experiment(cfg, tmp_path / "run", console=QUIET)
     assert result.epochs_done == 1 and result.best_dice is not None
+
+
+@pytest.mark.parametrize("model", ["film_unet", "hemis_unet"])
+def test_models_needing_extra_inputs_are_refused_before_training(tmp_path, model):
+    from edgeseg.config import load_experiment
+    from edgeseg.errors import UserError
+    from edgeseg.train.experiment import train_experiment
+
+    cfg = load_experiment(None, ["data.root=synthetic", f"model.name={model}"])
+    with pytest.raises(UserError, match="needs extra inputs"):
+        train_experiment(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before anything was written

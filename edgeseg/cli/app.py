@@ -117,7 +117,8 @@ def list_(
 
         raise unknown_name("list target", what, ["models", "losses", "configs"])
     for name, desc in items.items():
-        console.print(f"[bold]{name}[/bold]  {desc}")
+        # soft_wrap: one logical line per line whatever the terminal width (readable when piped or grepped)
+        console.print(f"[bold]{name}[/bold]  {desc}", soft_wrap=True)
 
 
 @app.command()

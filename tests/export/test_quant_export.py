@@ -185,3 +185,20 @@ def test_parity_gate_accepts_rounding_flips_but_not_label_changes():
     swapped = reference[:, ::-1].copy()  # every label changes
     assert not _within(difference(swapped, reference, step))
     assert _within(difference(reference + 5e-4, reference, step))  # within one step
+
+
+def test_qcdq_matches_brevitas_in_float64_and_the_export_records_it(qcdq, quant_model, inputs, kit, quant_export):
+    # The float64 brevitas forward is the exact-sum oracle the export gate also accepts: the QCDQ graph
+    # must be within one output step of it too (brevitas-fp32 and ORT both round float32 sums).
+    import copy
+
+    double = copy.deepcopy(quant_model).double()
+    for x in inputs:
+        with torch.no_grad():
+            ref64 = double(x.double())
+        ref64 = (ref64.value if hasattr(ref64, "value") else ref64).float().numpy()
+        out = _run(qcdq.SerializeToString(), {"image": x.numpy()}, optimize=False)
+        step = kit.output_step(quant_model, x).reshape(1, -1, 1, 1, 1)
+        assert np.max(np.abs(out - ref64) / step) <= 1.0
+    recorded = quant_export.manifest.parity["qcdq_vs_brevitas_float64"]
+    assert recorded["max_steps"] is not None and recorded["max_steps"] <= 1.0

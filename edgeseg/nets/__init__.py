@@ -2,6 +2,7 @@
 
 from edgeseg.nets.attention_unet import AttentionUNet
 from edgeseg.nets.capabilities import Capabilities, NoOptions
+from edgeseg.nets.countception import Countception
 from edgeseg.nets.film import FiLMedUNet
 from edgeseg.nets.hemis import HeMISUNet
 from edgeseg.nets.layers import FloatLayers, LayerFactory, McDropout, set_mc_dropout
@@ -26,6 +27,7 @@ register_model("film_unet", "FiLMed U-Net (Perez 2018, Lemay 2021): metadata -> 
                             "after every conv block")(FiLMedUNet)
 register_model("hemis_unet", "HeMIS U-Net (Havaei 2016): one encoder per modality, mean/variance fusion over the "
                              "modalities present")(HeMISUNet)
+register_model("countception", "Count-ception (Cohen 2017, ivadomed): 2D keypoint heatmaps, one channel per class")(Countception)
 
 
 def build_from_config(model_cfg, *, spatial_dims: int, in_channels: int, out_channels: int, layers=None):
@@ -53,6 +55,7 @@ def build_from_config(model_cfg, *, spatial_dims: int, in_channels: int, out_cha
 __all__ = [
     "AttentionUNet",
     "Capabilities",
+    "Countception",
     "FiLMedUNet",
     "FloatLayers",
     "HeMISUNet",

@@ -85,12 +85,27 @@ class AugmentConfig:
     gamma_range: tuple[float, float] = (0.7, 1.5)
     noise_prob: float = 0.15
     noise_std: float = 0.1
+    # mixup (Zhang et al. 2018): every training sample is lam * x1 + (1 - lam) * x2 with the same mix of
+    # their one-hot labels, lam ~ Beta(mixup_alpha, mixup_alpha); 0 = off
+    mixup_alpha: float = 0.0
+    # soft-label augmentation by dilation (ivadomed's DilateGT): each object of each class is dilated
+    # round(factor * sqrt(object voxels)) times; added voxels get values falling with the distance; 0 = off
+    soft_dilation_factor: float = 0.0
 
     def validate(self) -> None:
         for name in ("affine_prob", "gamma_prob", "noise_prob"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1], got {v}")
+        if self.mixup_alpha < 0:
+            raise ValueError(f"mixup_alpha must be >= 0 (0 = off), got {self.mixup_alpha}")
+        if self.soft_dilation_factor < 0:
+            raise ValueError(f"soft_dilation_factor must be >= 0 (0 = off), got {self.soft_dilation_factor}")
+
+    @property
+    def soft_labels(self) -> bool:
+        """True when an augmentation makes labels soft (per-class float maps instead of class indices)."""
+        return self.mixup_alpha > 0 or self.soft_dilation_factor > 0
 
 
 @dataclass(frozen=True)
@@ -195,6 +210,22 @@ class LossTermConfig(LossConfig):
 
 
 @dataclass(frozen=True)
+class TwoStepConfig:
+    """Two-step training with class sampling (ivadomed): `balanced_epochs` epochs on patches drawn half
+    positive (holding foreground), half negative (holding none), then the remaining epochs of
+    train.epochs on uniformly placed patches (the data's own, imbalanced distribution)."""
+
+    balanced_epochs: int = 1
+
+    def validate(self) -> None:
+        if self.balanced_epochs < 1:
+            raise ValueError(f"two_step.balanced_epochs must be >= 1, got {self.balanced_epochs}")
+
+
+TrainingScheme = Literal["standard", "softseg"]
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 50
     steps_per_epoch: int = 50
@@ -211,6 +242,9 @@ class TrainConfig:
     deterministic: bool = False
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # "softseg" (Gros et al. 2021): soft labels end to end, normalized-ReLU outputs, a regression loss
+    scheme: TrainingScheme = "standard"
+    two_step: TwoStepConfig | None = None  # two-step training with class sampling; None = off
 
     def validate(self) -> None:
         if self.epochs < 1 or self.steps_per_epoch < 1 or self.batch_size < 1:
@@ -219,6 +253,9 @@ class TrainConfig:
             raise ValueError("train.lr must be positive")
         if self.val_every < 1:
             raise ValueError("train.val_every must be >= 1")
+        if self.two_step is not None and self.two_step.balanced_epochs >= self.epochs:
+            raise ValueError(f"train.two_step.balanced_epochs ({self.two_step.balanced_epochs}) must be less than "
+                             f"train.epochs ({self.epochs}): step 2 fine-tunes on the natural distribution")
 
 
 @dataclass(frozen=True)
@@ -245,6 +282,15 @@ class ExperimentConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+
+    def validate(self) -> None:
+        """Rules that span sections (each section validated itself first)."""
+        if self.train.scheme == "softseg":
+            terms = self.loss.terms if self.loss.name == "combined" else (self.loss,)
+            if not all(t.name == "adaptive_wing" and t.heatmap_activation == "none" for t in terms):
+                raise ValueError(
+                    "train.scheme 'softseg' trains a regression of the normalized-ReLU output on soft labels: "
+                    "set loss {name: adaptive_wing, heatmap_activation: none} (Gros et al. 2021)")
 
     def data_root(self, base: Path | None = None) -> Path | None:
         """The data folder resolved against `base` (the config file's folder); None for synthetic."""

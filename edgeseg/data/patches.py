@@ -1,4 +1,5 @@
-"""Patch sampling with foreground oversampling, and padding helpers (numpy only)."""
+"""Patch sampling (foreground oversampling, or positive/negative windows for class sampling), and padding
+helpers (numpy only)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,24 @@ def round_up_shape(shape: tuple[int, ...], multiple: int, minimum: tuple[int, ..
     return tuple(out)
 
 
+def window_foreground_counts(mask: np.ndarray, window: tuple[int, ...]) -> np.ndarray:
+    """Foreground voxels inside every window position: out[s] = mask[s : s + window].sum().
+
+    A running sum along each axis in turn (cumulative sums), O(voxels x axes) whatever the window.
+    Shape: mask (*S) bool, S >= window -> (*(S - window + 1)) int64.
+    """
+    counts = mask.astype(np.int64)
+    for axis, w in enumerate(window):
+        if counts.shape[axis] < w:
+            raise ValueError(f"window {window} larger than the array {mask.shape}")
+        cum = np.cumsum(counts, axis=axis)
+        zero = np.zeros_like(cum.take([0], axis=axis))
+        cum = np.concatenate([zero, cum], axis=axis)
+        n = cum.shape[axis]
+        counts = cum.take(range(w, n), axis=axis) - cum.take(range(n - w), axis=axis)
+    return counts
+
+
 class PatchSampler:
     """Draws training patches from one case.
 
@@ -45,6 +64,10 @@ class PatchSampler:
     foreground voxel, otherwise placed uniformly — the nnU-Net scheme that keeps small
     structures in view. Volumes smaller than the patch are padded (image with 0, i.e. the mean
     after z-scoring; label with background).
+
+    For class sampling (two-step training) `sample_window` draws a window position uniformly among
+    the positive ones (holding some foreground) or the negative ones (holding none); the two
+    position lists are computed on first use.
     Shape: image (C, *S), label (*S) -> (C, *patch), (*patch).
     """
 
@@ -53,6 +76,7 @@ class PatchSampler:
         self.image, _ = pad_to_shape(image, self.patch_size)
         self.label, _ = pad_to_shape(label, self.patch_size)
         self.foreground = np.argwhere(self.label > 0)  # (N, ndim) coordinates, computed once
+        self._windows: dict[bool, np.ndarray] | None = None
 
     def sample(self, rng: np.random.Generator, foreground: bool) -> tuple[np.ndarray, np.ndarray]:
         shape = self.label.shape
@@ -63,4 +87,21 @@ class PatchSampler:
         else:
             starts = [int(rng.integers(0, s - p + 1)) for s, p in zip(shape, self.patch_size)]
         index = tuple(slice(st, st + p) for st, p in zip(starts, self.patch_size))
+        return self.image[(slice(None), *index)], self.label[index]
+
+    def windows(self, positive: bool) -> np.ndarray:
+        """Flat indices (into the grid of window starts) of the positive or negative windows."""
+        if self._windows is None:
+            counts = window_foreground_counts(self.label > 0, self.patch_size)
+            self._start_grid = counts.shape
+            self._windows = {True: np.flatnonzero(counts > 0), False: np.flatnonzero(counts == 0)}
+        return self._windows[positive]
+
+    def sample_window(self, rng: np.random.Generator, positive: bool) -> tuple[np.ndarray, np.ndarray]:
+        """A patch at a window position drawn uniformly among the positive (or negative) ones."""
+        choices = self.windows(positive)
+        if not len(choices):
+            raise ValueError(f"this case has no {'positive' if positive else 'negative'} patch windows")
+        starts = np.unravel_index(int(choices[rng.integers(len(choices))]), self._start_grid)
+        index = tuple(slice(int(st), int(st) + p) for st, p in zip(starts, self.patch_size))
         return self.image[(slice(None), *index)], self.label[index]

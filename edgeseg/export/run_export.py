@@ -61,6 +61,7 @@ class BundleInfo:
     training: dict[str, Any] = field(default_factory=dict)
     bits: str = "fp32"
     source: dict[str, Any] = field(default_factory=dict)
+    output_kind: str = "logits"  # "normalized_relu" for SoftSeg runs (their training activation)
 
 
 @dataclass
@@ -327,7 +328,7 @@ def export_model(model: nn.Module, info: BundleInfo, *, seed: int = 0) -> Export
     manifest = Manifest(
         spatial_dims=info.spatial_dims, in_channels=info.in_channels, class_names=list(info.class_names),
         tile_size=tile, min_input_multiple=multiple, preprocess=dict(info.preprocess), forms=form_entries, files={},
-        input_name=INPUT_NAME, output_name=OUTPUT_NAME, output_kind="logits", batch=info.batch,
+        input_name=INPUT_NAME, output_name=OUTPUT_NAME, output_kind=info.output_kind, batch=info.batch,
         slice_axis=info.slice_axis, training=dict(info.training),
         bits={"nominal": info.bits, "weights_at_rest": at_rest, "deployed": deployed,
               "weight_bit_widths": sorted(set(bit_widths.values())) or [32]},
@@ -410,7 +411,11 @@ def _load_run(run_dir: Path) -> tuple[nn.Module, BundleInfo]:
     from edgeseg.nets import require_capability
     from edgeseg.train.rundir import RunDir
 
-    require_capability(RunDir(run_dir).read_config().model.name, "exportable", "exported")
+    from edgeseg.train.schemes import output_activation
+
+    cfg = RunDir(run_dir).read_config()
+    require_capability(cfg.model.name, "exportable", "exported")
+    output_kind = "normalized_relu" if output_activation(cfg) == "normalized_relu" else "logits"
     info = RunDir(run_dir).read_info()
     if info.parent_run is not None:
         from edgeseg.quantize.qat import load_quant_model
@@ -432,6 +437,7 @@ def _load_run(run_dir: Path) -> tuple[nn.Module, BundleInfo]:
         slice_axis=info.slice_axis if info.spatial_dims == 2 else None, training=training, bits=info.bits,
         source={"run_dir": str(Path(run_dir).resolve()), "parent_run": info.parent_run,
                 "trained_with": info.edgeseg_version},
+        output_kind=output_kind,
     )
 
 

@@ -27,11 +27,10 @@ from rich.table import Table
 from edgeseg.atomic import write_json
 from edgeseg.config import ExperimentConfig, QuantConfig, from_dict, to_dict
 from edgeseg.config.loader import apply_overrides
-from edgeseg.data.augment import Compose, build_augmentation
+from edgeseg.data.augment import Compose
 from edgeseg.data.cases import PreparedCase, to_slices
 from edgeseg.data.preprocess import PreprocessSpec
 from edgeseg.errors import UserError
-from edgeseg.losses import build_loss
 from edgeseg.nets import require_capability
 from edgeseg.quantize.bits import BitWidths, parse_bits
 from edgeseg.quantize.calibrate import calibrate
@@ -45,6 +44,7 @@ from edgeseg.quantize.twin import (
     weight_bits_total,
 )
 from edgeseg.train import distributed
+from edgeseg.train import schemes
 from edgeseg.train.checkpoint import load_weights, save_weights
 from edgeseg.train.evaluation import evaluate_predictions, mean_foreground_dice
 from edgeseg.train.experiment import load_cases, load_run_model
@@ -100,6 +100,7 @@ def quantize_run(
     distributed.setup(device)  # under torchrun: join before rank 0 writes, so no rank sees its files as "a run"
     distributed.barrier()
     main = distributed.is_main()  # only rank 0 writes run files (the ranks compute the same metrics)
+    activation = schemes.output_activation(cfg)  # SoftSeg runs are read through their normalized ReLU
     float_model, _, _ = load_run_model(run_dir)
     folded = fold_batch_norms(float_model)
     spec = twin_spec(cfg.model, quant, qbits)
@@ -143,7 +144,7 @@ def quantize_run(
         seen = _calibrate(twin, sample_cases, patch, cfg, quant.calibration_batches, device, console)
         metrics["calibration_batches"] = seen
         if val_cases:
-            ptq = _score(twin, val_cases, qinfo, pspec, device, console, "val (after calibration)")
+            ptq = _score(twin, val_cases, qinfo, pspec, device, console, "val (after calibration)", activation)
             metrics["val_dice_after_calibration"] = mean_foreground_dice(ptq["summary"])
 
     weights_meta = {"bits": str(qbits), "parent_run": str(run_dir.resolve())}
@@ -163,8 +164,8 @@ def quantize_run(
     for split, cases in (("val", val_cases), ("test", test_cases)):
         if not cases:
             continue
-        f_res = _score(float_model, cases, qinfo, pspec, device, console, f"{split} (float)")
-        q_res = _score(twin, cases, qinfo, pspec, device, console, f"{split} ({qbits})")
+        f_res = _score(float_model, cases, qinfo, pspec, device, console, f"{split} (float)", activation)
+        q_res = _score(twin, cases, qinfo, pspec, device, console, f"{split} ({qbits})", activation)
         f_dice, q_dice = mean_foreground_dice(f_res["summary"]), mean_foreground_dice(q_res["summary"])
         metrics["splits"][split] = {
             "cases": len(q_res["cases"]),
@@ -254,12 +255,13 @@ def _fine_tune(model, cases, val_cases, patch, cfg: ExperimentConfig, info: RunI
     quant = cfg.quant
     optimizer = build_optimizer(model.parameters(), cfg.train, lr=quant.lr)
     scheduler = build_scheduler(optimizer, cfg.train.schedule, quant.epochs * quant.steps_per_epoch)
-    sampler = BatchSampler(cases, patch, cfg.data.foreground_oversample,
-                           build_augmentation(cfg.augment, info.spatial_dims), seed=cfg.train.seed)
-    parts = FitParts(model=model, loss_fn=build_loss(cfg.loss), optimizer=optimizer, scheduler=scheduler,
+    # the float run's own training schemes (mixup, soft labels, SoftSeg's activation and loss) carry over to QAT
+    sampler = schemes.build_sampler(cfg, cases, patch, info.spatial_dims, seed=cfg.train.seed)
+    parts = FitParts(model=model, loss_fn=schemes.build_training_loss(cfg), optimizer=optimizer, scheduler=scheduler,
                      sampler=sampler, val_cases=val_cases, spec=pspec, class_names=info.class_names,
                      patch_size=patch, tile_size=tuple(info.tile_size), spatial_dims=info.spatial_dims,
-                     device=device, slice_axis=info.slice_axis, include_background=info.evaluate_background)
+                     device=device, slice_axis=info.slice_axis, include_background=info.evaluate_background,
+                     output_activation=schemes.output_activation(cfg))
     schedule = FitSchedule(quant.epochs, quant.steps_per_epoch, cfg.train.batch_size, cfg.train.val_every,
                            cfg.train.max_minutes, amp=False)
     result = fit(parts, schedule, qrun, resume=False, console=console, weights_meta=weights_meta)
@@ -269,12 +271,13 @@ def _fine_tune(model, cases, val_cases, patch, cfg: ExperimentConfig, info: RunI
 
 
 def _score(model: torch.nn.Module, cases: Sequence[PreparedCase], info: RunInfo, pspec: PreprocessSpec,
-           device: torch.device, console: Console, label: str) -> dict[str, Any]:
+           device: torch.device, console: Console, label: str, activation: str = "softmax") -> dict[str, Any]:
     """The one evaluation path for float and quantized models (as `edgeseg evaluate` does it)."""
     model.eval()
 
     def predict(case: PreparedCase):
-        return predict_labels(model, case.image, tuple(info.tile_size), device, info.spatial_dims, info.slice_axis)
+        return predict_labels(model, case.image, tuple(info.tile_size), device, info.spatial_dims, info.slice_axis,
+                              activation=activation)
 
     with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task(f"evaluating {label}", total=len(cases))

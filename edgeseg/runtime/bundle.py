@@ -35,9 +35,12 @@ MANIFEST = "manifest.json"
 ARCHIVE_SUFFIX = ".zip"
 BACKENDS = ("onnxruntime", "tensorrt", "any")
 PRECISIONS = ("fp32", "fp16", "int8")
-OUTPUT_KINDS = ("logits", "probabilities", "sigmoid")
+OUTPUT_KINDS = ("logits", "probabilities", "sigmoid", "normalized_relu")
 # "sigmoid": one logit channel of a binary model (ivadomed's and many MONAI models' output), read as
 # class_names [background, foreground] with p(foreground) = sigmoid(logit).
+# "normalized_relu": one raw score channel per class of a SoftSeg model (Gros et al. 2021); the runtime
+# turns each tile sample into soft maps: relu(s) / max relu(s), then divided by the channel sum at each
+# voxel (`pipeline.normalized_relu`, as ivadomed computes it).
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,7 @@ class Manifest:
     files: dict[str, FileEntry]
     input_name: str = "image"
     output_name: str = "logits"
-    output_kind: str = "logits"  # "logits" (apply softmax), "probabilities", or "sigmoid" (binary, 1 channel)
+    output_kind: str = "logits"  # "logits" (softmax), "probabilities", "sigmoid" (binary, 1 channel), "normalized_relu"
 
     def model_channels(self) -> int:
         """Channels the model outputs: one per class, or one for a binary sigmoid model."""

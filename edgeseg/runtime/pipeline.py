@@ -139,9 +139,25 @@ def tile_warning(manifest: Manifest, tile: Sequence[int]) -> str | None:
 # ------------------------------------------------------------------------------------- predictors
 
 
+def normalized_relu(scores: np.ndarray) -> np.ndarray:
+    """SoftSeg's output activation (Gros et al. 2021), as `edgeseg.train.softseg.normalized_relu` computes it
+    in training: relu(s) / max relu(s) per sample (max over channels and voxels), then, with several
+    channels, divided by the channel sum at each voxel; a voxel (or sample) with nothing positive gives 0.
+    Shape: (B, K, *T) -> (B, K, *T) float32 soft maps in [0, 1].
+    """
+    positive = np.maximum(scores.astype(np.float32, copy=False), np.float32(0))
+    peak = positive.reshape(len(positive), -1).max(axis=1).reshape(-1, *([1] * (scores.ndim - 1)))
+    out = positive / np.where(peak > 0, peak, np.float32(1))
+    if scores.shape[1] > 1:
+        total = out.sum(axis=1, keepdims=True)
+        out = out / np.where(total > 0, total, np.float32(1))
+    return out
+
+
 def model_predictor(backend: Backend, manifest: Manifest, sampling: Sampling, *, keep_samples: bool,
                     batch_size: int | None = None) -> Predictor:
-    """Tile batch -> class probabilities under every sample, or their mean.
+    """Tile batch -> class probabilities under every sample, or their mean (for output_kind
+    "normalized_relu": SoftSeg's soft maps).
 
     Shape: (B, C_in, *T) -> (B, S * K, *T) with keep_samples (sample s in channels [s*K, (s+1)*K),
     s = flip index * N + MC pass), else (B, K, *T).
@@ -158,6 +174,8 @@ def model_predictor(backend: Backend, manifest: Manifest, sampling: Sampling, *,
         elif manifest.output_kind == "sigmoid":
             foreground = expit(out)
             out = np.concatenate([1.0 - foreground, foreground], axis=1)
+        elif manifest.output_kind == "normalized_relu":
+            out = normalized_relu(out)
         return out.astype(np.float32, copy=False)
 
     def mc(batch: np.ndarray) -> np.ndarray:

@@ -11,17 +11,15 @@ from rich.console import Console
 from rich.progress import Progress
 
 from edgeseg.config import ExperimentConfig
-from edgeseg.data.augment import build_augmentation
 from edgeseg.data.cases import PreparedCase, prepare_cases, to_slices
 from edgeseg.errors import UserError
-from edgeseg.losses import build_loss
 from edgeseg.nets import build_from_config
 from edgeseg.train import distributed
 from edgeseg.train.checkpoint import load_weights
 from edgeseg.train.loop import FitParts, FitResult, FitSchedule, fit
-from edgeseg.train.rundir import RunDir, RunInfo
-from edgeseg.train.sampling import BatchSampler
 from edgeseg.train.optim import build_optimizer, build_scheduler
+from edgeseg.train.rundir import RunDir, RunInfo
+from edgeseg.train.schemes import balanced_epochs, build_sampler, build_training_loss, output_activation
 from edgeseg.train.setup import (
     configure_torch,
     load_data_splits,
@@ -104,8 +102,7 @@ def train_experiment(cfg: ExperimentConfig, out: Path, *, resume: bool = False, 
     optimizer = build_optimizer(model.parameters(), cfg.train)
     total = cfg.train.epochs * cfg.train.steps_per_epoch
     scheduler = build_scheduler(optimizer, cfg.train.schedule, total, cfg.train.warmup_epochs * cfg.train.steps_per_epoch)
-    sampler = BatchSampler(sample_cases, patch, cfg.data.foreground_oversample,
-                           build_augmentation(cfg.augment, cfg.data.spatial_dims), seed=cfg.train.seed)
+    sampler = build_sampler(cfg, sample_cases, patch, cfg.data.spatial_dims, seed=cfg.train.seed)
     if not resume and ctx.is_main:
         run.write_config(cfg)
         run.write_info(RunInfo(
@@ -113,14 +110,15 @@ def train_experiment(cfg: ExperimentConfig, out: Path, *, resume: bool = False, 
             patch_size=list(patch), tile_size=list(cfg.data.tile_size), preprocess=spec.to_dict(), data_root=str(root), slice_axis=cfg.data.slice_axis,
             evaluate_background=cfg.data.evaluate_background,
         ))
-    parts = FitParts(model=model, loss_fn=build_loss(cfg.loss), optimizer=optimizer, scheduler=scheduler,
+    parts = FitParts(model=model, loss_fn=build_training_loss(cfg), optimizer=optimizer, scheduler=scheduler,
                      sampler=sampler, val_cases=val_cases, spec=spec, class_names=cfg.data.class_names,
                      patch_size=patch, tile_size=tuple(cfg.data.tile_size), spatial_dims=cfg.data.spatial_dims, device=device,
-                     slice_axis=cfg.data.slice_axis, include_background=cfg.data.evaluate_background)
+                     slice_axis=cfg.data.slice_axis, include_background=cfg.data.evaluate_background,
+                     output_activation=output_activation(cfg))
     console.print(f"training {cfg.model.name} ({sum(p.numel() for p in model.parameters()):,} parameters) on "
                   f"{len(train_cases)} cases, validating on {len(val_cases)}; device {device}; run dir {out}")
     schedule = FitSchedule(cfg.train.epochs, cfg.train.steps_per_epoch, cfg.train.batch_size, cfg.train.val_every,
-                           cfg.train.max_minutes, cfg.train.amp)
+                           cfg.train.max_minutes, cfg.train.amp, balanced_epochs=balanced_epochs(cfg))
     return fit(parts, schedule, run, resume=resume, console=console)
 
 
@@ -153,7 +151,8 @@ def evaluate_run(run_dir: Path, *, data: Path | None, split: str, console: Conso
     cases = load_cases(splits.get(split), spec, len(info.class_names), console, f"{split} cases")
 
     def predict(case: PreparedCase):
-        return predict_labels(model, case.image, tuple(info.tile_size), dev, info.spatial_dims, info.slice_axis)
+        return predict_labels(model, case.image, tuple(info.tile_size), dev, info.spatial_dims, info.slice_axis,
+                              activation=output_activation(cfg))
 
     with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task(f"evaluating {split}", total=len(cases))

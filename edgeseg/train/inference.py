@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from edgeseg.data.patches import crop_padding, pad_to_shape, round_up_shape
+from edgeseg.train.softseg import activate
 
 
 @torch.no_grad()
@@ -21,8 +22,10 @@ def predict_probabilities(
     device: torch.device,
     overlap: float = 0.5,
     batch_size: int = 2,
+    activation: str = "softmax",
 ) -> np.ndarray:
-    """Softmax probabilities for one case. Shape: image (C, *S) -> (K, *S) float32."""
+    """Per-class values for one case: softmax probabilities, or SoftSeg's normalized-ReLU soft maps
+    (`activation`, see `edgeseg.train.softseg.activate`). Shape: image (C, *S) -> (K, *S) float32."""
     model.eval()
     multiple = getattr(model, "min_input_multiple", 1)
     spatial = image.shape[1:]
@@ -30,7 +33,7 @@ def predict_probabilities(
         target = round_up_shape(tuple(patch_size), multiple)
         padded, widths = pad_to_shape(image, target)
         logits = model(torch.from_numpy(np.ascontiguousarray(padded))[None].to(device)).float()
-        probs = torch.softmax(logits, 1)[0].cpu().numpy()
+        probs = activate(logits, activation)[0].cpu().numpy()
         return np.ascontiguousarray(crop_padding(probs, widths))
     from edgeseg.runtime.tiling import sliding_window_probabilities
 
@@ -38,20 +41,21 @@ def predict_probabilities(
 
     def predict(batch: np.ndarray) -> np.ndarray:
         logits = model(torch.from_numpy(np.ascontiguousarray(batch)).to(device)).float()
-        return torch.softmax(logits, 1).cpu().numpy()
+        return activate(logits, activation).cpu().numpy()
 
     return sliding_window_probabilities(image, predict, tile, overlap=overlap, batch_size=batch_size)
 
 
-def predict_labels(model, image, patch_size, device, spatial_dims: int, slice_axis: int = 2) -> np.ndarray:
+def predict_labels(model, image, patch_size, device, spatial_dims: int, slice_axis: int = 2,
+                   activation: str = "softmax") -> np.ndarray:
     """Argmax labels; 2D models on 3D volumes are applied slice by slice. Shape: (C, *S) -> (*S) uint8."""
     if spatial_dims == 2 and image.ndim == 4:
         out = np.zeros(image.shape[1:], dtype=np.uint8)
         for i in range(image.shape[slice_axis + 1]):
             sl = np.take(image, i, axis=slice_axis + 1)
-            probs = predict_probabilities(model, sl, patch_size, device)
+            probs = predict_probabilities(model, sl, patch_size, device, activation=activation)
             index = [slice(None)] * 3
             index[slice_axis] = i
             out[tuple(index)] = probs.argmax(0)
         return out
-    return predict_probabilities(model, image, patch_size, device).argmax(0).astype(np.uint8)
+    return predict_probabilities(model, image, patch_size, device, activation=activation).argmax(0).astype(np.uint8)

@@ -3,7 +3,10 @@
 Used by `edgeseg train` (float) and by `edgeseg quantize` (QAT fine-tuning) alike: the caller
 builds the model, loss, optimizer, scheduler and sampler; this module only runs them. Under
 torchrun the same loop runs data-parallel (`edgeseg.train.distributed`): DDP for the gradients, a
-sharded sampler, validation split over ranks, and files written by rank 0 only.
+sharded sampler, validation split over ranks, and files written by rank 0 only. Training schemes
+(`edgeseg.train.schemes`) reach the loop as parts: the sampler (mixup, soft labels), the loss and
+output activation (SoftSeg), and the epoch-dependent patch placement of two-step training
+(`edgeseg.train.two_step`), which the loop switches and records in checkpoints and the log.
 """
 
 from __future__ import annotations
@@ -19,13 +22,20 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from edgeseg.data.cases import PreparedCase
 from edgeseg.data.preprocess import PreprocessSpec
 from edgeseg.errors import UserError
 from edgeseg.metrics import aggregate
-from edgeseg.train import distributed
+from edgeseg.train import distributed, two_step
 from edgeseg.train.checkpoint import load_training_state, save_training_state, save_weights
 from edgeseg.train.evaluation import evaluate_predictions, mean_foreground_dice
 from edgeseg.train.inference import predict_labels
@@ -51,6 +61,7 @@ class FitParts:
     tile_size: tuple[int, ...] | None = None  # inference tile for validation; None = patch_size
     slice_axis: int = 2
     include_background: bool = False
+    output_activation: str = "softmax"  # how validation reads the output: softmax, or normalized_relu (SoftSeg)
 
 
 @dataclass
@@ -61,6 +72,7 @@ class FitSchedule:
     val_every: int = 1
     max_minutes: float | None = None
     amp: bool = True
+    balanced_epochs: int | None = None  # two-step training: class-sampled epochs before the natural ones
 
 
 @dataclass
@@ -82,7 +94,7 @@ def validate(parts: FitParts) -> dict[str, Any]:
 
     def predict(case: PreparedCase) -> np.ndarray:
         return predict_labels(parts.model, case.image, parts.tile_size or parts.patch_size, parts.device,
-                              parts.spatial_dims, parts.slice_axis)
+                              parts.spatial_dims, parts.slice_axis, activation=parts.output_activation)
 
     rank, world = distributed.rank(), distributed.world_size()
     if world == 1:
@@ -160,12 +172,18 @@ def fit(parts: FitParts, schedule: FitSchedule, run: RunDir, *, resume: bool, co
         raise UserError(f"train.batch_size {schedule.batch_size} (the global batch) must be divisible by the "
                         f"number of processes ({ctx.world_size})")
     state: dict[str, Any] = {"epoch": 0, "step": 0, "loss_sum": 0.0, "loss_n": 0, "best_dice": None,
-                             "best_epoch": None, "seconds": 0.0}
+                             "best_epoch": None, "seconds": 0.0, "phase": two_step.phase(1, schedule.balanced_epochs)}
     if resume:
         state = load_training_state(run.last, model, parts.optimizer, parts.scheduler)
         parts.sampler.set_state(state.pop("sampler_rng"))
+        expected = two_step.phase(state["epoch"] + 1, schedule.balanced_epochs)
+        if state["step"] and state.get("phase", expected) != expected:  # stopped inside an epoch of another phase
+            raise UserError(f"{run.last} was saved in the '{state['phase']}' phase of epoch {state['epoch'] + 1}, "
+                            f"but this run's train.two_step puts that epoch in the '{expected}' phase")
         if main:
             run.truncate_log(state["epoch"])
+            if state.get("record") and run.last_logged_epoch() < state["epoch"]:
+                run.append_log(state["record"])  # killed after the checkpoint, before its log line
         console.print(f"resuming from epoch {state['epoch'] + 1}, step {state['step']} ({run.last})")
     net = distributed.wrap_model(model, ctx)  # DDP under torchrun; `model` stays the unwrapped module
     if ctx.active:
@@ -190,6 +208,7 @@ def fit(parts: FitParts, schedule: FitSchedule, run: RunDir, *, resume: bool, co
         try:
             while state["epoch"] < schedule.epochs:
                 epoch = state["epoch"] + 1
+                _enter_phase(parts.sampler, state, two_step.phase(epoch, schedule.balanced_epochs), epoch, console)
                 model.train()
                 with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
                     task = progress.add_task("train", total=schedule.steps_per_epoch, completed=state["step"],
@@ -218,6 +237,8 @@ def fit(parts: FitParts, schedule: FitSchedule, run: RunDir, *, resume: bool, co
                                           "lr": parts.optimizer.param_groups[0]["lr"]}
                 if ctx.active:
                     record["processes"] = ctx.world_size
+                if schedule.balanced_epochs is not None:
+                    record["phase"] = state["phase"]
                 distributed.broadcast_buffers(model)  # one set of batch-norm statistics for validation and checkpoints
                 if parts.val_cases and (epoch % schedule.val_every == 0 or epoch == schedule.epochs):
                     summary = validate(parts)["summary"]
@@ -230,6 +251,7 @@ def fit(parts: FitParts, schedule: FitSchedule, run: RunDir, *, resume: bool, co
                             save_weights(run.best, model, {**(weights_meta or {}), "epoch": epoch, "val_dice": dice})
                 state.update(epoch=epoch, step=0, loss_sum=0.0, loss_n=0)
                 record["seconds"] = round(time.monotonic() - started, 1)
+                state["record"] = record  # lets a resume restore this log line if a kill lands before it is written
                 snapshot()
                 if main:
                     run.append_log(record)
@@ -248,6 +270,16 @@ def fit(parts: FitParts, schedule: FitSchedule, run: RunDir, *, resume: bool, co
     distributed.barrier()  # rank 0's files exist before any rank returns (callers may read them)
     return FitResult(state["epoch"], state["best_dice"], state["best_epoch"], interrupted,
                      time.monotonic() - started, history)
+
+
+def _enter_phase(sampler: BatchSampler, state: dict[str, Any], phase: str, epoch: int, console: Console) -> None:
+    """Set the sampler's patch placement for `epoch` (two-step training switches it once)."""
+    if sampler.mode != phase:
+        sampler.set_mode(phase)  # type: ignore[arg-type]
+        if phase != "standard":
+            what = "balanced class sampling" if phase == "balanced" else "the natural distribution"
+            console.print(f"two-step training: epoch {epoch} on {what}")
+    state["phase"] = phase
 
 
 def distributed_backend() -> str:

@@ -97,6 +97,13 @@ class RunDir:
         with open(self.log, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
 
+    def last_logged_epoch(self) -> int:
+        """The epoch of the log's last line (0 without a log)."""
+        if not self.log.is_file():
+            return 0
+        lines = [ln for ln in self.log.read_text().splitlines() if ln.strip()]
+        return int(json.loads(lines[-1]).get("epoch", 0)) if lines else 0
+
     def truncate_log(self, after_epoch: int) -> None:
         """Drop log lines of epochs after `after_epoch` (written by a run that was killed later)."""
         if not self.log.is_file():

@@ -13,6 +13,9 @@ validation and the rank-0-only writes. Every optimizer step's parameters are rec
   so the two runs compute the same gradient in exact arithmetic; mixed precision is off.
 - a single-process run interrupted mid-epoch and resumed with 2 processes ends within 1e-6 of the
   uninterrupted single-process run (the checkpoint is independent of the number of processes).
+- the same holds with every training scheme on at once (two-step class sampling, mixup, soft-label
+  dilation, SoftSeg's normalized ReLU + Adaptive Wing): each rank builds its share of the global
+  batch and each loss is a mean over samples.
 """
 
 from __future__ import annotations
@@ -55,7 +58,20 @@ def _flat_parameters(optimizer: torch.optim.Optimizer) -> np.ndarray:
     return torch.cat([p.detach().reshape(-1) for g in optimizer.param_groups for p in g["params"]]).cpu().numpy().copy()
 
 
-def train_recording(out: Path, resume: bool = False) -> np.ndarray:
+SCHEMES = [  # every training scheme at once; 8^3 patches leave room for negative (foreground-free) windows
+    "data.patch_size=[8, 8, 8]",
+    "model.depth=1",
+    "train.two_step.balanced_epochs=1",
+    "augment.mixup_alpha=0.4",
+    "augment.soft_dilation_factor=1.0",
+    "train.scheme=softseg",
+    "loss.name=adaptive_wing",
+    "loss.heatmap_activation=none",
+    "loss.dice_reduction=batch",
+]
+
+
+def train_recording(out: Path, resume: bool = False, overrides: list[str] | None = None) -> np.ndarray:
     """Train (or resume) the tiny experiment in `out`; the parameters after every optimizer step, (steps, P)."""
     from rich.console import Console
 
@@ -66,17 +82,18 @@ def train_recording(out: Path, resume: bool = False) -> np.ndarray:
     handle = register_optimizer_step_post_hook(
         lambda opt, args, kwargs: steps.append(_flat_parameters(opt)))
     try:
-        train_experiment(load_experiment(None, CONFIG), out, resume=resume, console=Console(quiet=True))
+        train_experiment(load_experiment(None, CONFIG + list(overrides or [])), out, resume=resume,
+                         console=Console(quiet=True))
     finally:
         handle.remove()
     return np.stack(steps)
 
 
 def worker_main(jobs_file: str) -> None:
-    """One torchrun worker: run each job ({"out", "resume", "record"}) and save its per-step parameters."""
+    """One torchrun worker: run each job ({"out", "resume", "record"[, "overrides"]}) and save its per-step parameters."""
     rank = int(os.environ["RANK"])
     for job in json.loads(Path(jobs_file).read_text()):
-        record = train_recording(Path(job["out"]), resume=job["resume"])
+        record = train_recording(Path(job["out"]), resume=job["resume"], overrides=job.get("overrides"))
         np.save(f"{job['record']}_rank{rank}.npy", record)
 
 
@@ -141,6 +158,23 @@ def test_two_gloo_processes_match_one_process_and_resume_across_world_sizes(tmp_
 
     keys = load_file(str(RunDir(tmp_path / "ddp").last)).keys()
     assert not any(k.startswith("model/module.") for k in keys)
+
+
+
+@pytest.mark.slow
+def test_training_schemes_under_two_processes_match_one_process(tmp_path):
+    single = train_recording(tmp_path / "single", overrides=SCHEMES)
+    run_torchrun([{"out": str(tmp_path / "ddp"), "resume": False, "record": str(tmp_path / "ddp"),
+                   "overrides": SCHEMES}], tmp_path)
+    ddp = [np.load(tmp_path / f"ddp_rank{r}.npy") for r in (0, 1)]
+    assert ddp[0].shape == single.shape == (EPOCHS * STEPS, single.shape[1])
+    for step in range(len(single)):
+        np.testing.assert_array_equal(ddp[0][step], ddp[1][step], err_msg=f"ranks differ after step {step + 1}")
+        np.testing.assert_allclose(ddp[0][step], single[step], rtol=0, atol=TOLERANCE,
+                                   err_msg=f"2 processes differ from 1 after step {step + 1}")
+    assert np.abs(ddp[0][-1] - single[0]).max() > 100 * TOLERANCE
+    log = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in log] == ["balanced", "natural"]
 
 
 if __name__ == "__main__":  # a torchrun worker (see run_torchrun)

@@ -253,7 +253,12 @@ def load_engine(path: Path) -> Any:
     sidecar = path.with_name(path.name + ".json")
     if not path.is_file() or not sidecar.is_file():
         raise UserError(f"engine not found (or its .json record missing): {path}")
-    record = json.loads(sidecar.read_text())
+    try:
+        record = json.loads(sidecar.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{sidecar}: unreadable engine record ({exc}); rebuild with `edgeseg build-engine`") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{sidecar}: the engine record must be a JSON object; rebuild with `edgeseg build-engine`")
     gpu = detect_gpu()
     if record.get("tensorrt") != str(trt.__version__) or record.get("gpu") != asdict(gpu):
         raise UserError(f"{path} was built for TensorRT {record.get('tensorrt')} on {record.get('gpu', {}).get('name')}; "

@@ -70,6 +70,8 @@ def train_experiment(cfg: ExperimentConfig, out: Path, *, resume: bool = False, 
     configure_torch(cfg.train)
     ctx = distributed.setup(pick_device(cfg.train.device))
     device = ctx.device
+    if resume and ctx.is_main:
+        run.remove_orphaned_temporaries()  # of checkpoint writes a kill interrupted
     if not ctx.is_main:
         console = Console(quiet=True)
     distributed.barrier()  # every rank has checked `out` before rank 0 writes into it

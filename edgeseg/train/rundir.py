@@ -108,6 +108,24 @@ class RunDir:
         """Drop log lines of epochs after `after_epoch` (written by a run that was killed later)."""
         if not self.log.is_file():
             return
-        lines = [ln for ln in self.log.read_text().splitlines() if ln.strip()]
-        keep = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= after_epoch]
+        keep = []
+        for line in self.log.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line half-written when the process was killed: its epoch is re-run
+                continue
+            if isinstance(record, dict) and record.get("epoch", 0) <= after_epoch:
+                keep.append(line)
         write_text(self.log, "".join(ln + "\n" for ln in keep))
+
+    def remove_orphaned_temporaries(self) -> list[str]:
+        """Delete the hidden temporaries of checkpoint writes a kill interrupted (edgeseg.atomic names them
+        .<target>.<random><suffix>; the rename never happened, so the checkpoint itself is the previous one)."""
+        folder = self.last.parent
+        if not folder.is_dir():
+            return []
+        targets = (self.last.name, self.best.name)
+        removed = [p for p in folder.iterdir() if p.is_file() and any(p.name.startswith(f".{t}.") for t in targets)]
+        for path in removed:
+            path.unlink(missing_ok=True)
+        return [p.name for p in removed]

@@ -203,3 +203,14 @@ def test_real_tensorrt_builds_and_loads_an_engine(bundle_path):
     engine = trt_build.load_engine(built.path)
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     assert names == ["image", "logits"]
+
+
+@pytest.mark.parametrize("record, message", [("{not json", "unreadable engine record"),
+                                             ("[1, 2]", "must be a JSON object")])
+def test_a_damaged_engine_record_is_one_clear_error(fake_trt, bundle_path, record, message):
+    # control flow only (fake tensorrt module): the record beside the engine is checked before TensorRT is used
+    fake_trt()
+    built = build_engine(bundle_path, batch=1)
+    built.path.with_name(built.path.name + ".json").write_text(record)
+    with pytest.raises(UserError, match=message):
+        trt_build.load_engine(built.path)

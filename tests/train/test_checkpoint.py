@@ -61,3 +61,21 @@ def test_corrupt_or_mismatched_checkpoints_are_user_errors(tmp_path):
         load_weights(tmp_path / "w.safetensors", wider)
     with pytest.raises(UserError, match="checkpoint not found"):
         load_weights(tmp_path / "nope.safetensors", wider)
+
+
+def test_resume_housekeeping_removes_orphaned_checkpoint_temporaries_and_half_written_log_lines(tmp_path):
+    from edgeseg.train.rundir import RunDir
+
+    run = RunDir(tmp_path)
+    run.last.parent.mkdir(parents=True)
+    run.last.write_bytes(b"whole")
+    orphans = [run.last.parent / ".last.safetensors.abc123.safetensors", run.last.parent / ".best.safetensors.x"]
+    for path in orphans:
+        path.write_bytes(b"partial")
+    keep = run.last.parent / "notes.txt"
+    keep.write_text("user file")
+    assert sorted(run.remove_orphaned_temporaries()) == sorted(p.name for p in orphans)
+    assert not any(p.exists() for p in orphans) and keep.is_file() and run.last.read_bytes() == b"whole"
+    run.log.write_text('{"epoch": 1, "loss": 0.5}\n{"epoch": 2, "loss": 0.4}\n{"epoch": 3, "lo')
+    run.truncate_log(after_epoch=2)
+    assert run.log.read_text() == '{"epoch": 1, "loss": 0.5}\n{"epoch": 2, "loss": 0.4}\n'

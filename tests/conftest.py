@@ -27,3 +27,31 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"../shared/data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def intensity_detector_bundle(tmp_path_factory) -> Path:
+    """A third-party bundle of a one-conv 3D model: class 1 (named "anterior") for bright voxels, class 2 for dark.
+
+    The centre-tap kernel makes it flip-equivariant (TTA leaves its labels unchanged) and its Dice on
+    real images neither 0 nor 1: a cheap, predictable model for runtime and report tests.
+    """
+    import numpy as np
+
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    from edgeseg.export.third_party import make_bundle
+
+    root = tmp_path_factory.mktemp("detector")
+    weight = np.zeros((3, 1, 3, 3, 3), np.float32)
+    weight[1, 0, 1, 1, 1], weight[2, 0, 1, 1, 1] = 2.0, -2.0
+    bias = numpy_helper.from_array(np.array([2.0, 0.0, 0.0], np.float32), "b")
+    graph = helper.make_graph([helper.make_node("Conv", ["image", "w", "b"], ["logits"], pads=[1] * 6)], "g",
+                              [helper.make_tensor_value_info("image", T.FLOAT, ["N", 1, "D", "H", "W"])],
+                              [helper.make_tensor_value_info("logits", T.FLOAT, ["N", 3, "D", "H", "W"])],
+                              [numpy_helper.from_array(weight, "w"), bias])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(root / "m.onnx"))
+    make_bundle(root / "m.onnx", root / "bundle", class_names=["background", "anterior", "posterior"], tile=[16, 16, 16])
+    return root / "bundle"

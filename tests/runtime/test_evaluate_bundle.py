@@ -18,25 +18,8 @@ CASES = ["hippocampus_001.nii.gz", "hippocampus_003.nii.gz", "hippocampus_004.ni
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    onnx = pytest.importorskip("onnx")
-    from onnx import TensorProto as T
-    from onnx import helper, numpy_helper
-
-    from edgeseg.export.third_party import make_bundle
-
-    root = tmp_path_factory.mktemp("eval")
-    # an intensity detector: class 1 for bright voxels, class 2 for dark ones (so Dice is neither 0 nor 1)
-    weight = np.zeros((3, 1, 3, 3, 3), np.float32)
-    weight[1, 0, 1, 1, 1], weight[2, 0, 1, 1, 1] = 2.0, -2.0
-    bias = numpy_helper.from_array(np.array([2.0, 0.0, 0.0], np.float32), "b")
-    graph = helper.make_graph([helper.make_node("Conv", ["image", "w", "b"], ["logits"], pads=[1] * 6)], "g",
-                              [helper.make_tensor_value_info("image", T.FLOAT, ["N", 1, "D", "H", "W"])],
-                              [helper.make_tensor_value_info("logits", T.FLOAT, ["N", 3, "D", "H", "W"])],
-                              [numpy_helper.from_array(weight, "w"), bias])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(root / "m.onnx"))
-    make_bundle(root / "m.onnx", root / "bundle", class_names=CLASSES, tile=[16, 16, 16])
-    return root / "bundle"
+def bundle(intensity_detector_bundle) -> Path:
+    return intensity_detector_bundle
 
 
 @pytest.fixture

@@ -6,12 +6,14 @@ import torch
 from torch import nn
 
 from edgeseg.nets.attention import AttentionGate
+from edgeseg.nets.base import UNetFamily
+from edgeseg.nets.blocks import unet_up_block
 from edgeseg.nets.capabilities import Capabilities, NoOptions
-from edgeseg.nets.layers import FloatLayers, LayerFactory
-from edgeseg.nets.unet import ConvBlock, UpBlock
+from edgeseg.nets.encoder import build_encoder, encode
+from edgeseg.nets.layers import LayerFactory
 
 
-class AttentionUNet(nn.Module):
+class AttentionUNet(UNetFamily):
     """U-Net with additive attention gates on every skip connection.
 
     Oktay et al. 2018, "Attention U-Net: Learning Where to Look for the Pancreas" (MIDL): before
@@ -48,38 +50,18 @@ class AttentionUNet(nn.Module):
         layers: LayerFactory | None = None,
     ):
         super().__init__()
-        layers = layers or FloatLayers(spatial_dims, norm=norm)
-        self.spatial_dims = spatial_dims
-        self.depth = depth
-        self.min_input_multiple = 2**depth
-        widths = [base_width * 2**i for i in range(depth + 1)]
-        self.input_quant = layers.input("input")
-        self.encoders = nn.ModuleList()
-        self.pools = nn.ModuleList()
-        cin = in_channels
-        for level in range(depth):
-            self.encoders.append(ConvBlock(layers, f"enc{level}", cin, widths[level], dropout if level > 0 else 0.0))
-            self.pools.append(layers.pool(f"pool{level}"))
-            cin = widths[level]
-        self.bottleneck = ConvBlock(layers, "bottleneck", cin, widths[depth], dropout)
+        layers, widths = self._init_unet_front(spatial_dims, depth, base_width, norm, layers)
+        self.encoders, self.pools, self.bottleneck = build_encoder(layers, in_channels, widths, dropout)
         self.gates = nn.ModuleList()
         self.decoders = nn.ModuleList()
         for level in reversed(range(depth)):
             self.gates.append(AttentionGate(layers, f"gate{level}", widths[level], widths[level + 1],
                                             max(1, widths[level] // 2)))
-            self.decoders.append(
-                UpBlock(layers, f"dec{level}", widths[level + 1], widths[level], widths[level], decoder,
-                        dropout if level > 0 else 0.0)
-            )
+            self.decoders.append(unet_up_block(layers, widths, level, decoder, dropout))
         self.head = layers.head("head", widths[0], out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.input_quant(x)
-        skips = []
-        for enc, pool in zip(self.encoders, self.pools):
-            x = enc(x)
-            skips.append(x)
-            x = pool(x)
+        x, skips = encode(self.input_quant(x), self.encoders, self.pools)
         x = self.bottleneck(x)
         for gate, dec, skip in zip(self.gates, self.decoders, reversed(skips)):
             x = dec(x, gate(skip, x))  # g = the coarser decoder level's output

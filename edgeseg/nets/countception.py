@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from edgeseg.nets.base import SegmentationNet
 from edgeseg.nets.capabilities import Capabilities, NoOptions
-from edgeseg.nets.layers import FloatLayers, LayerFactory
+from edgeseg.nets.layers import LayerFactory
 
 # ivadomed's widths (its `Countception`, base_width 16 reproduces them); scaled by base_width / 16.
 _REFERENCE_WIDTH = 16
@@ -121,7 +122,7 @@ class InceptionBlock(nn.Module):
         return self.drop(self.cat2(self.cat1(a, b), c))
 
 
-class Countception(nn.Module):
+class Countception(SegmentationNet):
     """Count-ception keypoint network: one heatmap (logit) channel per keypoint class, same size as the input.
 
     Cohen, Boucher, Glastonbury, Lo & Bengio 2017, "Count-ception: Counting by Fully Convolutional
@@ -176,16 +177,13 @@ class Countception(nn.Module):
         if spatial_dims != 2:
             raise ValueError(f"Countception is 2D only, got spatial_dims={spatial_dims}")
         del depth, decoder  # no pooling, no decoder
-        layers = layers or FloatLayers(spatial_dims, norm=norm)
-        self.spatial_dims = spatial_dims
-        self.min_input_multiple = 1
+        layers = self._init_front(spatial_dims, norm, layers, min_input_multiple=1)
         first, last = trunk_window()
         self.receptive_field = last - first + 1
 
         def width(w: int) -> int:
             return max(1, round(w * base_width / _REFERENCE_WIDTH))
 
-        self.input_quant = layers.input("input")
         blocks: list[nn.Module] = []
         cin = in_channels
         for name, spec in TRUNK:

@@ -8,9 +8,11 @@ import torch
 from torch import nn
 
 from edgeseg.errors import UserError
+from edgeseg.nets.base import UNetFamily
+from edgeseg.nets.blocks import unet_decoders
 from edgeseg.nets.capabilities import Capabilities
-from edgeseg.nets.layers import FloatLayers, LayerFactory, as_float
-from edgeseg.nets.unet import ConvBlock, UpBlock
+from edgeseg.nets.encoder import build_encoder, encode
+from edgeseg.nets.layers import LayerFactory, as_float
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ class FiLM(nn.Module):
         return gamma.reshape(shape) * features + beta.reshape(shape)
 
 
-class FiLMedUNet(nn.Module):
+class FiLMedUNet(UNetFamily):
     """U-Net with a FiLM layer after every conv block (encoder levels, bottleneck, decoder levels).
 
     Lemay et al. 2021, "Benefits of Linear Conditioning for Segmentation using Metadata" (MIDL;
@@ -92,30 +94,16 @@ class FiLMedUNet(nn.Module):
         super().__init__()
         FiLMOptions(metadata_dim=metadata_dim, hidden=hidden).validate()  # ValueError unless metadata_dim >= 1
         metadata_dim = int(metadata_dim or 0)
-        layers = layers or FloatLayers(spatial_dims, norm=norm)
-        self.spatial_dims = spatial_dims
-        self.depth = depth
+        layers, widths = self._init_unet_front(spatial_dims, depth, base_width, norm, layers)
         self.metadata_dim = metadata_dim
-        self.min_input_multiple = 2**depth
-        widths = [base_width * 2**i for i in range(depth + 1)]
-        self.input_quant = layers.input("input")
-        self.encoders = nn.ModuleList()
-        self.encoder_films = nn.ModuleList()
-        self.pools = nn.ModuleList()
-        cin = in_channels
-        for level in range(depth):
-            self.encoders.append(ConvBlock(layers, f"enc{level}", cin, widths[level], dropout if level > 0 else 0.0))
-            self.encoder_films.append(FiLM(metadata_dim, widths[level], hidden))
-            self.pools.append(layers.pool(f"pool{level}"))
-            cin = widths[level]
-        self.bottleneck = ConvBlock(layers, "bottleneck", cin, widths[depth], dropout)
+        encoder = build_encoder(layers, in_channels, widths, dropout)
+        # registered in the order of earlier checkpoints: each part's FiLMs right after it
+        self.encoders = encoder.blocks
+        self.encoder_films = nn.ModuleList(FiLM(metadata_dim, w, hidden) for w in widths[:depth])
+        self.pools, self.bottleneck = encoder.pools, encoder.bottleneck
         self.bottleneck_film = FiLM(metadata_dim, widths[depth], hidden)
-        self.decoders = nn.ModuleList()
-        self.decoder_films = nn.ModuleList()
-        for level in reversed(range(depth)):
-            self.decoders.append(UpBlock(layers, f"dec{level}", widths[level + 1], widths[level], widths[level],
-                                         decoder, dropout if level > 0 else 0.0))
-            self.decoder_films.append(FiLM(metadata_dim, widths[level], hidden))
+        self.decoders = unet_decoders(layers, widths, decoder, dropout)
+        self.decoder_films = nn.ModuleList(FiLM(metadata_dim, widths[level], hidden) for level in reversed(range(depth)))
         self.head = layers.head("head", widths[0], out_channels)
 
     def forward(self, x: torch.Tensor, metadata: torch.Tensor | None = None) -> torch.Tensor:
@@ -126,12 +114,8 @@ class FiLMedUNet(nn.Module):
             raise UserError(f"film_unet expects metadata of shape (batch, {self.metadata_dim}), "
                             f"got {tuple(metadata.shape)}")
         metadata = metadata.to(x.dtype)
-        x = self.input_quant(x)
-        skips = []
-        for enc, film, pool in zip(self.encoders, self.encoder_films, self.pools):
-            x = film(enc(x), metadata)
-            skips.append(x)
-            x = pool(x)
+        x, skips = encode(self.input_quant(x), self.encoders, self.pools,
+                          after=lambda level, features: self.encoder_films[level](features, metadata))
         x = self.bottleneck_film(self.bottleneck(x), metadata)
         for dec, film, skip in zip(self.decoders, self.decoder_films, reversed(skips)):
             x = film(dec(x, skip), metadata)

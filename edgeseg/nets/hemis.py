@@ -6,9 +6,11 @@ import torch
 from torch import nn
 
 from edgeseg.errors import UserError
+from edgeseg.nets.base import UNetFamily
+from edgeseg.nets.blocks import UpBlock, level_dropout
 from edgeseg.nets.capabilities import Capabilities, NoOptions
-from edgeseg.nets.layers import FloatLayers, LayerFactory, as_float
-from edgeseg.nets.unet import ConvBlock, UpBlock
+from edgeseg.nets.encoder import build_encoder, encode
+from edgeseg.nets.layers import LayerFactory, as_float
 
 
 def fuse_modalities(features: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
@@ -36,28 +38,14 @@ class ModalityEncoder(nn.Module):
 
     def __init__(self, layers: LayerFactory, name: str, widths: list[int], dropout: float):
         super().__init__()
-        depth = len(widths) - 1
-        self.blocks = nn.ModuleList()
-        self.pools = nn.ModuleList()
-        cin = 1
-        for level in range(depth):
-            self.blocks.append(ConvBlock(layers, f"{name}.enc{level}", cin, widths[level],
-                                         dropout if level > 0 else 0.0))
-            self.pools.append(layers.pool(f"{name}.pool{level}"))
-            cin = widths[level]
-        self.bottleneck = ConvBlock(layers, f"{name}.bottleneck", cin, widths[depth], dropout)
+        self.blocks, self.pools, self.bottleneck = build_encoder(layers, 1, widths, dropout, prefix=f"{name}.")
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        levels = []
-        for block, pool in zip(self.blocks, self.pools):
-            x = block(x)
-            levels.append(x)
-            x = pool(x)
-        levels.append(self.bottleneck(x))
-        return levels
+        x, skips = encode(x, self.blocks, self.pools)
+        return [*skips, self.bottleneck(x)]
 
 
-class HeMISUNet(nn.Module):
+class HeMISUNet(UNetFamily):
     """U-Net with one encoder per modality and HeMIS fusion, so any subset of modalities may be missing.
 
     Havaei et al. 2016, "HeMIS: Hetero-Modal Image Segmentation" (MICCAI): each modality has its
@@ -92,20 +80,15 @@ class HeMISUNet(nn.Module):
         layers: LayerFactory | None = None,
     ):
         super().__init__()
-        layers = layers or FloatLayers(spatial_dims, norm=norm)
-        self.spatial_dims = spatial_dims
-        self.depth = depth
+        layers, widths = self._init_unet_front(spatial_dims, depth, base_width, norm, layers)
         self.modalities = in_channels
-        self.min_input_multiple = 2**depth
-        widths = [base_width * 2**i for i in range(depth + 1)]
-        self.input_quant = layers.input("input")
         self.modality_encoders = nn.ModuleList(ModalityEncoder(layers, f"mod{m}", widths, dropout)
                                                for m in range(in_channels))
         self.decoders = nn.ModuleList()
         cin = 2 * widths[depth]  # fused bottleneck: mean and variance
         for level in reversed(range(depth)):
             self.decoders.append(UpBlock(layers, f"dec{level}", cin, 2 * widths[level], widths[level], decoder,
-                                         dropout if level > 0 else 0.0))
+                                         level_dropout(dropout, level)))
             cin = widths[level]
         self.head = layers.head("head", widths[0], out_channels)
 

@@ -8,9 +8,11 @@ import torch
 from torch import nn
 
 from edgeseg.nets.attention import MultiHeadCrossAttention, MultiHeadSelfAttention
+from edgeseg.nets.base import UNetFamily
+from edgeseg.nets.blocks import ConvBlock, level_dropout, up_path
 from edgeseg.nets.capabilities import Capabilities
-from edgeseg.nets.layers import FloatLayers, LayerFactory, island_conv
-from edgeseg.nets.unet import ConvBlock, up_path
+from edgeseg.nets.encoder import build_encoder, encode
+from edgeseg.nets.layers import LayerFactory, island_conv
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ class CrossAttentionUp(nn.Module):
         return self.block(self.cat(self.up(y), skip))
 
 
-class UTransformer(nn.Module):
+class UTransformer(UNetFamily):
     """U-Net with multi-head self-attention at the bottleneck and multi-head cross-attention on the skips.
 
     Petit et al. 2021, "U-Net Transformer: Self and Cross Attention for Medical Image Segmentation"
@@ -100,38 +102,21 @@ class UTransformer(nn.Module):
         cross_attention_levels: int | None = None,
     ):
         super().__init__()
-        layers = layers or FloatLayers(spatial_dims, norm=norm)
-        self.spatial_dims = spatial_dims
-        self.depth = depth
-        self.min_input_multiple = 2**depth
-        widths = [base_width * 2**i for i in range(depth + 1)]
+        layers, widths = self._init_unet_front(spatial_dims, depth, base_width, norm, layers)
         attended = depth if cross_attention_levels is None else min(cross_attention_levels, depth)
-        self.input_quant = layers.input("input")
-        self.encoders = nn.ModuleList()
-        self.pools = nn.ModuleList()
-        cin = in_channels
-        for level in range(depth):
-            self.encoders.append(ConvBlock(layers, f"enc{level}", cin, widths[level], dropout if level > 0 else 0.0))
-            self.pools.append(layers.pool(f"pool{level}"))
-            cin = widths[level]
-        self.bottleneck = ConvBlock(layers, "bottleneck", cin, widths[depth], dropout)
+        self.encoders, self.pools, self.bottleneck = build_encoder(layers, in_channels, widths, dropout)
         self.mhsa = MultiHeadSelfAttention(widths[depth], heads)
         self.decoders = nn.ModuleList()
         for level in reversed(range(depth)):
             self.decoders.append(CrossAttentionUp(
                 layers, f"dec{level}", widths[level + 1], widths[level], widths[level], decoder,
-                dropout if level > 0 else 0.0, heads, cross_attention=level >= depth - attended,
+                level_dropout(dropout, level), heads, cross_attention=level >= depth - attended,
                 float_input=level == depth - 1,
             ))
         self.head = layers.head("head", widths[0], out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.input_quant(x)
-        skips = []
-        for enc, pool in zip(self.encoders, self.pools):
-            x = enc(x)
-            skips.append(x)
-            x = pool(x)
+        x, skips = encode(self.input_quant(x), self.encoders, self.pools)
         x = self.mhsa(self.bottleneck(x))
         for dec, skip in zip(self.decoders, reversed(skips)):
             x = dec(x, skip)

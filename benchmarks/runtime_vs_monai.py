@@ -2,7 +2,7 @@
 
 Run on demand, not in CI, on an otherwise idle machine:
 
-    python benchmarks/runtime_vs_monai.py            # full: writes docs/benchmarks.md (several minutes)
+    python benchmarks/runtime_vs_monai.py --rows docs/benchmarks/runtime_vs_monai.json   # full, resumable (hours on 2 cores)
     python benchmarks/runtime_vs_monai.py --quick --out /tmp/bench.md   # small sizes, checks the script works
 
 The same 3D U-Net (edgeseg `unet`, depth 3, widths 16-32-64-128, random weights: timing only) runs
@@ -190,22 +190,33 @@ def table(rows: list[dict], quick: bool, threads: int) -> str:
         "CPU int8 form). Gaussian blending, overlap 0.5, batch 4 tiles. TTA: 8 flips (MONAI: 8 flipped volumes; "
         "edgeseg: inside the tile pass). Wall time: inference on an in-memory volume after one warm-up batch; peak RSS (VmHWM): the whole process."),
         "",
-        "| volume | tile | TTA | runner | wall (s) | vs MONAI | peak RSS (MB) |",
-        "|---|---|---|---|---:|---:|---:|",
+        "| volume | tile | TTA | runner | wall (s) | speed vs MONAI | peak RSS (MB) | RSS / MONAI's |",
+        "|---|---|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        base = next(x for x in rows if x["size"] == r["size"] and x["tile"] == r["tile"] and x["tta"] == r["tta"]
-                    and x["runner"] == "monai")
+        base = next((x for x in rows if x["size"] == r["size"] and x["tile"] == r["tile"] and x["tta"] == r["tta"]
+                     and x["runner"] == "monai"), None)
+        speed = "-" if base is None else f"{base['seconds'] / r['seconds']:.2f}x"
+        memory = "-" if base is None else f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}"
         lines.append(f"| {'x'.join(map(str, r['size']))} | {'x'.join(map(str, r['tile']))} | "
                      f"{'8 flips' if r['tta'] else 'no'} | {r['runner']} | {r['seconds']:.2f} | "
-                     f"{base['seconds'] / r['seconds']:.2f}x | {r['peak_rss_mb']:.0f} |")
+                     f"{speed} | {r['peak_rss_mb']:.0f} | {memory} |")
     return "\n".join(lines) + "\n"
+
+
+def _key(row: dict) -> tuple:
+    return (tuple(row["size"]), tuple(row["tile"]), bool(row["tta"]), row["runner"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small volumes and tiles (checks the script works)")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md", help="Markdown table to write")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks" / "runtime_vs_monai.md",
+                        help="Markdown table to write")
+    parser.add_argument("--rows", type=Path, default=None,
+                        help="JSON file of measured rows: configurations already in it are not measured again, new "
+                             "ones are appended as they finish (the full matrix takes hours on 2 cores: resumable)")
+    parser.add_argument("--only-size", default=None, help="measure only this volume size, e.g. 128,128,128")
     parser.add_argument("--work", type=Path, default=None, help="folder for the model and bundles (default: temp)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--child", choices=RUNNERS, help=argparse.SUPPRESS)
@@ -218,22 +229,28 @@ def main() -> None:
         tile = tuple(int(v) for v in args.tile.split(","))
         print(json.dumps(child(args.child, size, tile, args.tta, args.work, args.threads)))
         return
+    from edgeseg.atomic import write_json, write_text
+
     grid = QUICK if args.quick else FULL
+    sizes = grid["sizes"] if args.only_size is None else [tuple(int(v) for v in args.only_size.split(","))]
+    rows = json.loads(args.rows.read_text()) if args.rows is not None and args.rows.is_file() else []
+    done = {_key(r) for r in rows}
     with tempfile.TemporaryDirectory(prefix="edgeseg-bench-") as tmp:
         work = args.work or Path(tmp)
         print(f"preparing model and bundles in {work}", flush=True)
         prepare(work)
-        rows = []
-        for size in grid["sizes"]:
+        for size in sizes:
             for tile in grid["tiles"]:
                 for tta in (False, True):
                     for runner in RUNNERS:
+                        if (tuple(size), tuple(tile), tta, runner) in done:
+                            continue
                         result = run_config(runner, size, tile, tta, work, args.threads)
-                        rows.append({"size": size, "tile": tile, "tta": tta, "runner": runner, **result})
+                        rows.append({"size": list(size), "tile": list(tile), "tta": tta, "runner": runner, **result})
+                        if args.rows is not None:
+                            write_json(args.rows, rows)
                         print(f"  {'x'.join(map(str, size))} tile {'x'.join(map(str, tile))} tta={tta} {runner}: "
                               f"{result['seconds']:.2f} s, {result['peak_rss_mb']:.0f} MB", flush=True)
-    from edgeseg.atomic import write_text
-
     write_text(args.out, table(rows, args.quick, args.threads))
     print(f"written {args.out}")
 

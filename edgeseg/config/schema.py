@@ -39,6 +39,11 @@ class DataConfig:
     evaluate_background: bool = False  # report metrics for class 0 too (e.g. EM membranes)
     synthetic_cases: int = 24  # only for root == "synthetic"
     synthetic_shape: tuple[int, ...] = (48, 48, 48)
+    # partial labels (training cases only): {case name: [annotated class names]}, or a JSON file of that
+    # mapping (absolute, or relative to the data root); a case left out is fully annotated. A class not
+    # listed for a case is unknown there, not background: train.scheme inerrant treats it so (Petit et al.
+    # 2021); other schemes erase its voxels to background (naive training on partial labels).
+    partial_labels: str | dict[str, tuple[str, ...]] | None = None
 
     def validate(self) -> None:
         if len(self.class_names) < 2:
@@ -62,6 +67,10 @@ class DataConfig:
         for src, dst in self.label_map.items():
             if not 0 <= dst < len(self.class_names):
                 raise ValueError(f"label_map {src}: {dst} is not a class index (0..{len(self.class_names) - 1})")
+        if isinstance(self.partial_labels, str) and not self.partial_labels.strip():
+            raise ValueError("partial_labels: give a JSON file or a mapping {case: [annotated classes]}")
+        if isinstance(self.partial_labels, dict):
+            check_partial_labels(self.partial_labels, self.class_names, "partial_labels")
 
     @property
     def tile_size(self) -> tuple[int, ...]:
@@ -70,6 +79,22 @@ class DataConfig:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+
+def check_partial_labels(mapping: dict[str, Any], class_names: tuple[str, ...], source: str) -> None:
+    """A partial-label record: case name -> list of distinct foreground class names (ValueError otherwise)."""
+    foreground = class_names[1:]
+    for case, classes in mapping.items():
+        if not isinstance(case, str) or not case:
+            raise ValueError(f"{source}: case names must be non-empty strings, got {case!r}")
+        if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes):
+            raise ValueError(f"{source}.{case}: expected a list of annotated class names, got {classes!r}")
+        for name in classes:
+            if name not in foreground:
+                raise ValueError(f"{source}.{case}: '{name}' is not a foreground class{suggest(name, foreground)}; "
+                                 f"classes: {', '.join(foreground)}")
+        if len(set(classes)) != len(classes):
+            raise ValueError(f"{source}.{case}: a class is listed twice in {list(classes)}")
 
 
 @dataclass(frozen=True)
@@ -144,6 +169,7 @@ LOSS_OPTIONS: dict[str, tuple[str, ...]] = {
     "focal_dice": (*_DICE_OPTIONS, *_FOCAL_OPTIONS, "dice_weight", "focal_weight"),
     "adaptive_wing": ("wing_omega", "wing_theta", "wing_epsilon", "wing_alpha", "heatmap_activation"),
     "combined": ("terms",),
+    "partial_bce": (),
 }
 
 
@@ -222,7 +248,38 @@ class TwoStepConfig:
             raise ValueError(f"two_step.balanced_epochs must be >= 1, got {self.balanced_epochs}")
 
 
-TrainingScheme = Literal["standard", "softseg"]
+TrainingScheme = Literal["standard", "softseg", "inerrant"]
+
+
+@dataclass(frozen=True)
+class InerrantConfig:
+    """INERRANT iterative relabelling (Petit, Thome & Soler 2021; edgeseg.train.inerrant) for train.scheme
+    inerrant: `initial_epochs` on the partial labels alone, then the remaining epochs split into
+    `relabel_steps` (T) steps; step t starts by adding as pseudo-labels the top gamma_t = (t / T) * gamma_max
+    fraction of each missing class's predicted voxels, ranked by `confidence`. relabel_steps 0: no relabelling.
+    ambiguity_map false is the naive baseline with the same K sigmoids and BCE: unannotated classes are read
+    as background (w = 1 everywhere)."""
+
+    initial_epochs: int | None = None  # None = half of train.epochs
+    relabel_steps: int = 3
+    gamma_max: float = 0.5
+    confidence: Literal["max_probability"] = "max_probability"  # the learned TCP confidence is not implemented
+    ambiguity_map: bool = True
+
+    def validate(self) -> None:
+        if self.initial_epochs is not None and self.initial_epochs < 1:
+            raise ValueError(f"inerrant.initial_epochs must be >= 1, got {self.initial_epochs}")
+        if self.relabel_steps < 0:
+            raise ValueError(f"inerrant.relabel_steps must be >= 0 (0 = no relabelling), got {self.relabel_steps}")
+        if not 0.0 < self.gamma_max <= 1.0:
+            raise ValueError(f"inerrant.gamma_max must be within (0, 1], got {self.gamma_max}")
+        if not self.ambiguity_map and self.relabel_steps:
+            raise ValueError("inerrant.ambiguity_map false (the naive baseline) has no missing classes to relabel: "
+                             "set inerrant.relabel_steps to 0")
+
+    def first_epochs(self, epochs: int) -> int:
+        """Epochs trained before relabelling step 1."""
+        return self.initial_epochs if self.initial_epochs is not None else max(1, epochs // 2)
 
 
 @dataclass(frozen=True)
@@ -243,8 +300,10 @@ class TrainConfig:
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # "softseg" (Gros et al. 2021): soft labels end to end, normalized-ReLU outputs, a regression loss
+    # "inerrant" (Petit et al. 2021): partial labels (data.partial_labels), K sigmoids, ambiguity-weighted BCE
     scheme: TrainingScheme = "standard"
     two_step: TwoStepConfig | None = None  # two-step training with class sampling; None = off
+    inerrant: InerrantConfig | None = None  # settings of train.scheme inerrant; None = the defaults
 
     def validate(self) -> None:
         if self.epochs < 1 or self.steps_per_epoch < 1 or self.batch_size < 1:
@@ -256,6 +315,18 @@ class TrainConfig:
         if self.two_step is not None and self.two_step.balanced_epochs >= self.epochs:
             raise ValueError(f"train.two_step.balanced_epochs ({self.two_step.balanced_epochs}) must be less than "
                              f"train.epochs ({self.epochs}): step 2 fine-tunes on the natural distribution")
+        if self.scheme != "inerrant" and self.inerrant is not None:
+            raise ValueError(f"train.inerrant only applies to train.scheme inerrant (the scheme is '{self.scheme}'; "
+                             "--set train.inerrant=null drops it)")
+        steps, first = self.inerrant_settings.relabel_steps, self.inerrant_settings.first_epochs(self.epochs)
+        if self.scheme == "inerrant" and steps and first + steps > self.epochs:
+            raise ValueError(f"train.inerrant: {first} initial epochs + {steps} relabelling steps of at least one "
+                             f"epoch each exceed train.epochs ({self.epochs})")
+
+    @property
+    def inerrant_settings(self) -> InerrantConfig:
+        """train.inerrant, or its defaults when not given."""
+        return self.inerrant or InerrantConfig()
 
 
 @dataclass(frozen=True)
@@ -291,6 +362,17 @@ class ExperimentConfig:
                 raise ValueError(
                     "train.scheme 'softseg' trains a regression of the normalized-ReLU output on soft labels: "
                     "set loss {name: adaptive_wing, heatmap_activation: none} (Gros et al. 2021)")
+        terms = self.loss.terms if self.loss.name == "combined" else (self.loss,)
+        inerrant = self.train.scheme == "inerrant"
+        if inerrant and self.loss.name != "partial_bce":
+            raise ValueError("train.scheme 'inerrant' trains K sigmoids with the ambiguity-weighted BCE: "
+                             "set loss {name: partial_bce} (Petit et al. 2021)")
+        if not inerrant and any(t.name == "partial_bce" for t in terms):
+            raise ValueError("loss 'partial_bce' reads per-class sigmoids and partial-label targets: it needs "
+                             "train.scheme inerrant")
+        if inerrant and (self.augment.mixup_alpha > 0 or self.augment.soft_dilation_factor > 0):
+            raise ValueError("train.scheme 'inerrant' trains on crisp partial labels: set augment.mixup_alpha and "
+                             "augment.soft_dilation_factor to 0")
 
     def data_root(self, base: Path | None = None) -> Path | None:
         """The data folder resolved against `base` (the config file's folder); None for synthetic."""

@@ -61,7 +61,7 @@ class BundleInfo:
     training: dict[str, Any] = field(default_factory=dict)
     bits: str = "fp32"
     source: dict[str, Any] = field(default_factory=dict)
-    output_kind: str = "logits"  # "normalized_relu" for SoftSeg runs (their training activation)
+    output_kind: str = "logits"  # "normalized_relu" for SoftSeg runs, "sigmoid_multilabel" for INERRANT runs
 
 
 @dataclass
@@ -410,12 +410,12 @@ def verify_bundle(path: Path, result: ExportResult) -> list[str]:
 def _load_run(run_dir: Path) -> tuple[nn.Module, BundleInfo]:
     from edgeseg.nets import require_capability
     from edgeseg.train.rundir import RunDir
-
     from edgeseg.train.schemes import output_activation
 
     cfg = RunDir(run_dir).read_config()
     require_capability(cfg.model.name, "exportable", "exported")
-    output_kind = "normalized_relu" if output_activation(cfg) == "normalized_relu" else "logits"
+    activation = output_activation(cfg)  # the runtime reads the model's output as the run was trained to
+    output_kind = activation if activation in ("normalized_relu", "sigmoid_multilabel") else "logits"
     info = RunDir(run_dir).read_info()
     if info.parent_run is not None:
         from edgeseg.quantize.qat import load_quant_model

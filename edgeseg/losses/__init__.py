@@ -19,6 +19,7 @@ from edgeseg.losses.functional import (
     soft_dice_loss,
     target_probabilities,
 )
+from edgeseg.losses.partial import PartialLabelBCELoss, partial_bce_loss
 from edgeseg.losses.registry import available_losses, build_loss
 from edgeseg.losses.wing import AdaptiveWingLoss
 
@@ -31,12 +32,14 @@ __all__ = [
     "FocalDiceLoss",
     "FocalLoss",
     "GeneralizedDiceLoss",
+    "PartialLabelBCELoss",
     "adaptive_wing_loss",
     "available_losses",
     "build_loss",
     "focal_loss",
     "generalized_dice_loss",
     "one_hot",
+    "partial_bce_loss",
     "soft_dice_loss",
     "target_probabilities",
 ]

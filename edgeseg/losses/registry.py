@@ -16,6 +16,7 @@ from edgeseg.losses.combined import CombinedLoss
 from edgeseg.losses.cross_entropy import CrossEntropyLoss, DiceCELoss
 from edgeseg.losses.dice import DiceLoss, GeneralizedDiceLoss
 from edgeseg.losses.focal import FocalDiceLoss, FocalLoss
+from edgeseg.losses.partial import PartialLabelBCELoss
 from edgeseg.losses.wing import AdaptiveWingLoss
 
 
@@ -51,6 +52,10 @@ _LOSSES: dict[str, tuple[Callable[[LossConfig], nn.Module], str]] = {
         "adaptive wing for heatmap regression (Wang 2019)",
     ),
     "combined": (_combined, "weighted sum of the losses in loss.terms"),
+    "partial_bce": (
+        lambda c: PartialLabelBCELoss(),
+        "K sigmoids, per-class BCE weighted by the partial-label ambiguity map (INERRANT, Petit 2021)",
+    ),
 }
 
 

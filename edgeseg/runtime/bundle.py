@@ -35,12 +35,17 @@ MANIFEST = "manifest.json"
 ARCHIVE_SUFFIX = ".zip"
 BACKENDS = ("onnxruntime", "tensorrt", "any")
 PRECISIONS = ("fp32", "fp16", "int8")
-OUTPUT_KINDS = ("logits", "probabilities", "sigmoid", "normalized_relu")
+OUTPUT_KINDS = ("logits", "probabilities", "sigmoid", "normalized_relu", "sigmoid_multilabel")
 # "sigmoid": one logit channel of a binary model (ivadomed's and many MONAI models' output), read as
 # class_names [background, foreground] with p(foreground) = sigmoid(logit).
 # "normalized_relu": one raw score channel per class of a SoftSeg model (Gros et al. 2021); the runtime
 # turns each tile sample into soft maps: relu(s) / max relu(s), then divided by the channel sum at each
 # voxel (`pipeline.normalized_relu`, as ivadomed computes it).
+# "sigmoid_multilabel": one logit channel per class name of an INERRANT model (Petit et al. 2021): channels
+# 1..K are independent sigmoids, channel 0 is not used. The runtime serves [MULTILABEL_BACKGROUND,
+# sigmoid(s_1), ..., sigmoid(s_K)], whose argmax is INERRANT's rule: the class of maximum probability,
+# background when every class probability is below 0.5 (`pipeline.sigmoid_multilabel`).
+MULTILABEL_BACKGROUND = float(np.nextafter(np.float32(0.5), np.float32(0.0)))  # the largest float32 below 0.5
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,8 @@ class Manifest:
     files: dict[str, FileEntry]
     input_name: str = "image"
     output_name: str = "logits"
-    output_kind: str = "logits"  # "logits" (softmax), "probabilities", "sigmoid" (binary, 1 channel), "normalized_relu"
+    output_kind: str = "logits"  # "logits" (softmax), "probabilities", "sigmoid" (binary, 1 channel), "normalized_relu",
+    # "sigmoid_multilabel" (see OUTPUT_KINDS)
 
     def model_channels(self) -> int:
         """Channels the model outputs: one per class, or one for a binary sigmoid model."""

@@ -50,7 +50,7 @@ from edgeseg.data.io import (
 from edgeseg.data.preprocess import PreprocessSpec, preprocess_case, undo_spatial
 from edgeseg.errors import UserError
 from edgeseg.runtime.backends import Backend
-from edgeseg.runtime.bundle import Manifest, make_mc_masks
+from edgeseg.runtime.bundle import MULTILABEL_BACKGROUND, Manifest, make_mc_masks
 from edgeseg.runtime.tiling import BLEND_MODES, Predictor, iter_slabs, iter_slices
 from edgeseg.runtime.tta import flip_sets, split_samples, tta_predictor
 from edgeseg.runtime.uncertainty import (
@@ -154,6 +154,19 @@ def normalized_relu(scores: np.ndarray) -> np.ndarray:
     return out
 
 
+def sigmoid_multilabel(scores: np.ndarray) -> np.ndarray:
+    """INERRANT's K sigmoids (Petit et al. 2021), as `edgeseg.train.inerrant.sigmoid_multilabel` computes them in
+    training: channel 0 becomes the constant MULTILABEL_BACKGROUND (just below 0.5), channels 1..K sigmoid(s_k).
+    Their argmax is the class of maximum probability, background when all are below 0.5; averaging samples
+    (TTA, MC dropout) or blending tiles leaves the constant channel as it is (up to float rounding), so the
+    argmax of a mean applies the same rule to the mean class probabilities.
+    Shape: (B, C, *T) -> (B, C, *T) float32.
+    """
+    out = expit(scores.astype(np.float32, copy=False)).astype(np.float32, copy=False)
+    out[:, 0] = np.float32(MULTILABEL_BACKGROUND)
+    return out
+
+
 def model_predictor(backend: Backend, manifest: Manifest, sampling: Sampling, *, keep_samples: bool,
                     batch_size: int | None = None) -> Predictor:
     """Tile batch -> class probabilities under every sample, or their mean (for output_kind
@@ -176,6 +189,8 @@ def model_predictor(backend: Backend, manifest: Manifest, sampling: Sampling, *,
             out = np.concatenate([1.0 - foreground, foreground], axis=1)
         elif manifest.output_kind == "normalized_relu":
             out = normalized_relu(out)
+        elif manifest.output_kind == "sigmoid_multilabel":
+            out = sigmoid_multilabel(out)
         return out.astype(np.float32, copy=False)
 
     def mc(batch: np.ndarray) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Checkpoints as single safetensors files: no pickle, atomic, complete enough to resume exactly.
 
 A training checkpoint holds the model weights ("model/..."), the optimizer's tensors
-("optim/<param>/<name>"), torch's RNG state, and everything else (optimizer hyper-parameters,
+("optim/<param>/<name>"), torch's RNG state, a training scheme's own tensors ("extra/...", e.g.
+INERRANT's pseudo-labels), and everything else (optimizer hyper-parameters,
 scheduler state, trainer counters, the numpy sampler's RNG state) as JSON in the safetensors
 metadata. One file means one atomic rename: a kill at any moment leaves either the previous
 checkpoint or the new one.
@@ -53,11 +54,14 @@ def save_training_state(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     trainer_state: dict[str, Any],
+    extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Everything `--resume` needs, in one safetensors file."""
+    """Everything `--resume` needs, in one safetensors file; `extra_tensors` come back from `load_extra_tensors`."""
     tensors: dict[str, torch.Tensor] = {
         f"model/{k}": v.detach().cpu().contiguous().clone() for k, v in unwrap(model).state_dict().items()
     }
+    for name, value in (extra_tensors or {}).items():
+        tensors[f"extra/{name}"] = value.detach().cpu().contiguous().clone()
     opt = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
     for pid, state in opt["state"].items():
@@ -101,6 +105,14 @@ def load_training_state(
     scheduler.load_state_dict(json.loads(meta["scheduler"]))
     torch.set_rng_state(tensors["rng/torch"])
     return json.loads(meta["trainer"])
+
+
+def load_extra_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The `extra_tensors` a training checkpoint was saved with (empty when none)."""
+    tensors, meta = _read(path)
+    if meta.get("kind") != "training":
+        raise UserError(f"{path}: not a training checkpoint (cannot resume from it)")
+    return {k[len("extra/"):]: v for k, v in tensors.items() if k.startswith("extra/")}
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -16,10 +16,17 @@ from edgeseg.errors import UserError
 from edgeseg.nets import build_from_config
 from edgeseg.train import distributed
 from edgeseg.train.checkpoint import load_weights
+from edgeseg.train.inerrant import resolve_partial_labels
 from edgeseg.train.loop import FitParts, FitResult, FitSchedule, fit
 from edgeseg.train.optim import build_optimizer, build_scheduler
 from edgeseg.train.rundir import RunDir, RunInfo
-from edgeseg.train.schemes import balanced_epochs, build_sampler, build_training_loss, output_activation
+from edgeseg.train.schemes import (
+    balanced_epochs,
+    build_relabeller,
+    build_sampler,
+    build_training_loss,
+    output_activation,
+)
 from edgeseg.train.setup import (
     configure_torch,
     load_data_splits,
@@ -85,6 +92,10 @@ def train_experiment(cfg: ExperimentConfig, out: Path, *, resume: bool = False, 
     if cfg.data.root == "synthetic":
         cfg = replace(cfg, data=replace(cfg.data, root=str(root.resolve())))
     splits = load_data_splits(root, cfg.data.layout, cfg.data.splits, cfg.train.seed)
+    if cfg.data.partial_labels is not None:  # checked against the data, and kept in the run's config as a mapping
+        names = [c.name for c in (*splits.train, *splits.val, *splits.test)]
+        record = resolve_partial_labels(cfg.data.partial_labels, cfg.data.class_names, root, names)
+        cfg = replace(cfg, data=replace(cfg.data, partial_labels=record))
     spec = preprocess_spec(cfg)
     num_classes = cfg.data.num_classes
     train_cases = load_cases(splits.get("train"), spec, num_classes, console, "train cases")
@@ -116,7 +127,8 @@ def train_experiment(cfg: ExperimentConfig, out: Path, *, resume: bool = False, 
                      sampler=sampler, val_cases=val_cases, spec=spec, class_names=cfg.data.class_names,
                      patch_size=patch, tile_size=tuple(cfg.data.tile_size), spatial_dims=cfg.data.spatial_dims, device=device,
                      slice_axis=cfg.data.slice_axis, include_background=cfg.data.evaluate_background,
-                     output_activation=output_activation(cfg))
+                     output_activation=output_activation(cfg),
+                     relabel=build_relabeller(cfg, sample_cases, sampler, tuple(cfg.data.tile_size)))
     console.print(f"training {cfg.model.name} ({sum(p.numel() for p in model.parameters()):,} parameters) on "
                   f"{len(train_cases)} cases, validating on {len(val_cases)}; device {device}; run dir {out}")
     schedule = FitSchedule(cfg.train.epochs, cfg.train.steps_per_epoch, cfg.train.batch_size, cfg.train.val_every,

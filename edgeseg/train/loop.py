@@ -5,8 +5,10 @@ builds the model, loss, optimizer, scheduler and sampler; this module only runs 
 torchrun the same loop runs data-parallel (`edgeseg.train.distributed`): DDP for the gradients, a
 sharded sampler, validation split over ranks, and files written by rank 0 only. Training schemes
 (`edgeseg.train.schemes`) reach the loop as parts: the sampler (mixup, soft labels), the loss and
-output activation (SoftSeg), and the epoch-dependent patch placement of two-step training
-(`edgeseg.train.two_step`), which the loop switches and records in checkpoints and the log.
+output activation (SoftSeg, INERRANT), the epoch-dependent patch placement of two-step training
+(`edgeseg.train.two_step`), which the loop switches and records in checkpoints and the log, and INERRANT's
+relabelling (`edgeseg.train.inerrant.Relabeller`), run at the start of each relabelling step, its step and
+pseudo-labels saved in checkpoints.
 """
 
 from __future__ import annotations
@@ -36,8 +38,14 @@ from edgeseg.data.preprocess import PreprocessSpec
 from edgeseg.errors import UserError
 from edgeseg.metrics import aggregate
 from edgeseg.train import distributed, two_step
-from edgeseg.train.checkpoint import load_training_state, save_training_state, save_weights
+from edgeseg.train.checkpoint import (
+    load_extra_tensors,
+    load_training_state,
+    save_training_state,
+    save_weights,
+)
 from edgeseg.train.evaluation import evaluate_predictions, mean_foreground_dice
+from edgeseg.train.inerrant import Relabeller
 from edgeseg.train.inference import predict_labels
 from edgeseg.train.rundir import RunDir
 from edgeseg.train.sampling import BatchSampler
@@ -61,7 +69,8 @@ class FitParts:
     tile_size: tuple[int, ...] | None = None  # inference tile for validation; None = patch_size
     slice_axis: int = 2
     include_background: bool = False
-    output_activation: str = "softmax"  # how validation reads the output: softmax, or normalized_relu (SoftSeg)
+    output_activation: str = "softmax"  # how validation reads the output: softmax, normalized_relu (SoftSeg), ...
+    relabel: Relabeller | None = None  # INERRANT's pseudo-labelling of the sampler's cases
 
 
 @dataclass
@@ -176,6 +185,8 @@ def fit(parts: FitParts, schedule: FitSchedule, run: RunDir, *, resume: bool, co
     if resume:
         state = load_training_state(run.last, model, parts.optimizer, parts.scheduler)
         parts.sampler.set_state(state.pop("sampler_rng"))
+        if parts.relabel is not None:
+            parts.relabel.restore(state.get("relabel"), load_extra_tensors(run.last))
         expected = two_step.phase(state["epoch"] + 1, schedule.balanced_epochs)
         if state["step"] and state.get("phase", expected) != expected:  # stopped inside an epoch of another phase
             raise UserError(f"{run.last} was saved in the '{state['phase']}' phase of epoch {state['epoch'] + 1}, "
@@ -197,9 +208,13 @@ def fit(parts: FitParts, schedule: FitSchedule, run: RunDir, *, resume: bool, co
 
     def snapshot() -> None:
         state["seconds"] = time.monotonic() - started
+        extra = None
+        if parts.relabel is not None:
+            state["relabel"] = parts.relabel.state()
+            extra = parts.relabel.tensors()
         if main:
             save_training_state(run.last, model, parts.optimizer, parts.scheduler,
-                                {**state, "sampler_rng": parts.sampler.get_state()})
+                                {**state, "sampler_rng": parts.sampler.get_state()}, extra)
 
     columns = (TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn())
@@ -209,6 +224,8 @@ def fit(parts: FitParts, schedule: FitSchedule, run: RunDir, *, resume: bool, co
             while state["epoch"] < schedule.epochs:
                 epoch = state["epoch"] + 1
                 _enter_phase(parts.sampler, state, two_step.phase(epoch, schedule.balanced_epochs), epoch, console)
+                if parts.relabel is not None:
+                    parts.relabel.begin_epoch(epoch, model, device, console)
                 model.train()
                 with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
                     task = progress.add_task("train", total=schedule.steps_per_epoch, completed=state["step"],
@@ -239,6 +256,8 @@ def fit(parts: FitParts, schedule: FitSchedule, run: RunDir, *, resume: bool, co
                     record["processes"] = ctx.world_size
                 if schedule.balanced_epochs is not None:
                     record["phase"] = state["phase"]
+                if parts.relabel is not None:
+                    record.update(parts.relabel.log_fields())
                 distributed.broadcast_buffers(model)  # one set of batch-norm statistics for validation and checkpoints
                 if parts.val_cases and (epoch % schedule.val_every == 0 or epoch == schedule.epochs):
                     summary = validate(parts)["summary"]

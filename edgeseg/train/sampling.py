@@ -20,14 +20,14 @@ Patch placement (`set_mode`, chosen by the training loop each epoch):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
 
 from edgeseg.data.augment import Compose, mixup, mixup_lambda, one_hot
 from edgeseg.data.cases import PreparedCase
-from edgeseg.data.patches import PatchSampler
+from edgeseg.data.patches import PatchSampler, pad_to_shape
 from edgeseg.errors import UserError
 
 SamplingMode = Literal["standard", "balanced", "natural"]
@@ -44,8 +44,12 @@ class BatchSampler:
     num_classes: None gives class-index labels; a number K gives (K, *patch) one-hot maps, which the
     augmentation may soften (soft-label dilation, linear interpolation for SoftSeg); mixup_alpha > 0
     (needs num_classes) makes every sample the mixup of two independently drawn ones.
+    label_transform(label, case index) turns each augmented class-index label into the float target
+    the loss reads (INERRANT's partial-label targets, `edgeseg.train.inerrant.partial_targets`);
+    `set_label` replaces a case's label (INERRANT's pseudo-labels). Cases are indexed in the order
+    given, unlabelled ones left out.
     Shape: images (B / world_size, C, *patch) float32; labels (B / world_size, *patch) int64, or
-    (B / world_size, K, *patch) float32 with num_classes.
+    (B / world_size, K, *patch) float32 with num_classes or a label_transform.
     """
 
     def __init__(
@@ -58,18 +62,22 @@ class BatchSampler:
         *,
         num_classes: int | None = None,
         mixup_alpha: float = 0.0,
+        label_transform: Callable[[np.ndarray, int], np.ndarray] | None = None,
     ):
         labelled = [c for c in cases if c.label is not None]
         if not labelled:
             raise UserError("no labelled training cases")
         if mixup_alpha > 0 and num_classes is None:
             raise ValueError("mixup mixes per-class labels: give num_classes")
+        if label_transform is not None and num_classes is not None:
+            raise ValueError("label_transform reads class-index labels: leave num_classes None")
         self.samplers = [PatchSampler(c.image, c.label, patch_size) for c in labelled]
         self.with_foreground = [i for i, s in enumerate(self.samplers) if len(s.foreground)]
         self.foreground_oversample = foreground_oversample
         self.augmentation = augmentation
         self.num_classes = num_classes
         self.mixup_alpha = mixup_alpha
+        self.label_transform = label_transform
         self.rng = np.random.default_rng(seed)
         self.rank, self.world_size = 0, 1
         self.mode: SamplingMode = "standard"
@@ -101,25 +109,42 @@ class BatchSampler:
             self._case_weights["all"] = counts / counts.sum()
         self.mode = mode
 
-    def _patch(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """One patch placed as the current mode says."""
+    def set_label(self, index: int, label: np.ndarray) -> None:
+        """Replace case `index`'s label (same shape); foreground lists and class-sampling weights follow."""
+        old = self.samplers[index]
+        padded, _ = pad_to_shape(label, old.patch_size)  # as PatchSampler padded the case's image and label
+        if padded.shape != old.label.shape:
+            raise ValueError(f"label shape {label.shape} does not fit case {index}")
+        self.samplers[index] = PatchSampler(old.image, padded, old.patch_size)
+        self.with_foreground = [i for i, s in enumerate(self.samplers) if len(s.foreground)]
+        self._case_weights = {}
+        if self.mode != "standard":
+            self.set_mode(self.mode)
+
+    def _patch(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
+        """One patch placed as the current mode says, and the index of its case."""
         if self.mode == "balanced":
             positive = bool(rng.random() < 0.5)
             weights = self._case_weights["positive" if positive else "negative"]
-            return self.samplers[int(rng.choice(len(weights), p=weights))].sample_window(rng, positive)
+            idx = int(rng.choice(len(weights), p=weights))
+            return (*self.samplers[idx].sample_window(rng, positive), idx)
         if self.mode == "natural":
             weights = self._case_weights["all"]
-            return self.samplers[int(rng.choice(len(weights), p=weights))].sample(rng, foreground=False)
+            idx = int(rng.choice(len(weights), p=weights))
+            return (*self.samplers[idx].sample(rng, foreground=False), idx)
         want_fg = rng.random() < self.foreground_oversample and bool(self.with_foreground)
         pool = self.with_foreground if want_fg else range(len(self.samplers))
         idx = int(rng.choice(pool))
-        return self.samplers[idx].sample(rng, foreground=want_fg)
+        return (*self.samplers[idx].sample(rng, foreground=want_fg), idx)
 
     def _augmented(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        image, label = self._patch(rng)
+        image, label, idx = self._patch(rng)
         if self.num_classes is not None:
             label = one_hot(label, self.num_classes)
-        return self.augmentation(image, label, rng)
+        image, label = self.augmentation(image, label, rng)
+        if self.label_transform is not None:
+            label = self.label_transform(label, idx)
+        return image, label
 
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """One training sample from its own random stream."""
@@ -140,7 +165,7 @@ class BatchSampler:
             image, label = self.sample(np.random.default_rng(int(key)))
             images.append(image)
             labels.append(label)
-        label_dtype = np.int64 if self.num_classes is None else np.float32
+        label_dtype = np.int64 if self.num_classes is None and self.label_transform is None else np.float32
         return np.stack(images).astype(np.float32), np.stack(labels).astype(label_dtype)
 
     def get_state(self) -> dict:

@@ -1,30 +1,38 @@
 """Training schemes from the config: the one place that reads `train.scheme`, `train.two_step`,
-`augment.mixup_alpha` and `augment.soft_dilation_factor` and turns them into the sampler, loss and
-output activation the training loop runs (`edgeseg train`; `edgeseg quantize` can build the same).
+`train.inerrant`, `data.partial_labels`, `augment.mixup_alpha` and `augment.soft_dilation_factor` and turns
+them into the sampler, loss, output activation and relabelling the training loop runs (`edgeseg train`;
+`edgeseg quantize` can build the same, without relabelling).
 
 - mixup (Zhang et al. 2018): `BatchSampler(mixup_alpha=...)`, see `edgeseg.data.augment.mixup`;
 - soft-label dilation (ivadomed's DilateGT): `edgeseg.data.augment.SoftLabelDilation`;
 - two-step training with class sampling (ivadomed): `edgeseg.train.two_step`;
-- SoftSeg (Gros et al. 2021): `edgeseg.train.softseg`.
+- SoftSeg (Gros et al. 2021): `edgeseg.train.softseg`;
+- partial labels and INERRANT (Petit et al. 2021): `edgeseg.train.inerrant`. Cases that
+  `data.partial_labels` marks have their unannotated classes erased from their labels under every
+  scheme (naive training reads them as background); under `inerrant` those classes are unknown instead.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
+import numpy as np
 from torch import nn
 
 from edgeseg.config import ExperimentConfig
 from edgeseg.data.augment import build_augmentation
 from edgeseg.data.cases import PreparedCase
 from edgeseg.losses import build_loss
+from edgeseg.train.inerrant import Relabeller, RelabelSchedule, apply_partial_labels, partial_targets
 from edgeseg.train.sampling import BatchSampler
 from edgeseg.train.softseg import SoftSegLoss
 
 
 def output_activation(cfg: ExperimentConfig) -> str:
-    """How the model's output becomes per-class values: "softmax", or "normalized_relu" for SoftSeg."""
-    return "normalized_relu" if cfg.train.scheme == "softseg" else "softmax"
+    """How the model's output becomes per-class values: "softmax", "normalized_relu" for SoftSeg, or
+    "sigmoid_multilabel" for INERRANT."""
+    return {"softseg": "normalized_relu", "inerrant": "sigmoid_multilabel"}.get(cfg.train.scheme, "softmax")
 
 
 def per_class_labels(cfg: ExperimentConfig) -> bool:
@@ -45,9 +53,36 @@ def build_training_loss(cfg: ExperimentConfig) -> nn.Module:
 
 def build_sampler(cfg: ExperimentConfig, cases: Sequence[PreparedCase], patch: tuple[int, ...], spatial_dims: int,
                   seed: int) -> BatchSampler:
-    """The training batch sampler with the configured augmentation and label schemes."""
+    """The training batch sampler with the configured augmentation and label schemes (`data.partial_labels` must
+    be the resolved mapping, see `edgeseg.train.inerrant.resolve_partial_labels`)."""
     soft = per_class_labels(cfg)
     augmentation = build_augmentation(cfg.augment, spatial_dims, per_class_labels=soft,
                                       soft_labels=cfg.train.scheme == "softseg")
+    transform = None
+    if cfg.data.partial_labels is not None or cfg.train.scheme == "inerrant":
+        cases, annotated = apply_partial_labels(cases, cfg.data.partial_labels, cfg.data.class_names)
+        if cfg.train.scheme == "inerrant":
+            if not cfg.train.inerrant_settings.ambiguity_map:  # the naive baseline: erased classes are background
+                annotated = [np.ones_like(flags) for flags in annotated]
+            transform = functools.partial(_case_targets, annotated)
     return BatchSampler(cases, patch, cfg.data.foreground_oversample, augmentation, seed=seed,
-                        num_classes=cfg.data.num_classes if soft else None, mixup_alpha=cfg.augment.mixup_alpha)
+                        num_classes=cfg.data.num_classes if soft else None, mixup_alpha=cfg.augment.mixup_alpha,
+                        label_transform=transform)
+
+
+def _case_targets(annotated: Sequence[np.ndarray], label: np.ndarray, index: int) -> np.ndarray:
+    """INERRANT's per-class targets of sampler case `index` (NaN where ambiguous)."""
+    return partial_targets(label, annotated[index])
+
+
+def build_relabeller(cfg: ExperimentConfig, cases: Sequence[PreparedCase], sampler: BatchSampler,
+                     tile: tuple[int, ...]) -> Relabeller | None:
+    """INERRANT's iterative relabelling of `sampler`'s cases (the `cases` it was built from), predicting with
+    inference tile `tile`; None for other schemes or with train.inerrant.relabel_steps 0."""
+    settings = cfg.train.inerrant_settings
+    if cfg.train.scheme != "inerrant" or not settings.relabel_steps:
+        return None
+    partial, annotated = apply_partial_labels(cases, cfg.data.partial_labels, cfg.data.class_names)
+    schedule = RelabelSchedule(cfg.train.epochs, settings.first_epochs(cfg.train.epochs), settings.relabel_steps,
+                               settings.gamma_max)
+    return Relabeller(partial, annotated, sampler, schedule, tile)

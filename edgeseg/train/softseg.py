@@ -58,9 +58,15 @@ class SoftSegLoss(nn.Module):
 
 
 def activate(scores: torch.Tensor, activation: str) -> torch.Tensor:
-    """Model output -> per-class values: "softmax" (probabilities) or "normalized_relu" (SoftSeg soft maps)."""
+    """Model output -> per-class values: "softmax" (probabilities), "normalized_relu" (SoftSeg soft maps) or
+    "sigmoid_multilabel" (INERRANT's K sigmoids, `edgeseg.train.inerrant.sigmoid_multilabel`)."""
     if activation == "softmax":
         return torch.softmax(scores.float(), dim=1)
     if activation == "normalized_relu":
         return normalized_relu(scores)
-    raise ValueError(f"unknown output activation {activation!r}; choose softmax or normalized_relu")
+    if activation == "sigmoid_multilabel":
+        # imported here: edgeseg.train.inerrant imports this module's users
+        from edgeseg.train.inerrant import sigmoid_multilabel
+
+        return sigmoid_multilabel(scores)
+    raise ValueError(f"unknown output activation {activation!r}; choose softmax, normalized_relu or sigmoid_multilabel")

@@ -214,6 +214,7 @@ def test_rounding_envelope_gate_by_hand():
         return Difference(max_abs=1.0, differing_fraction=0.5, max_steps=steps, label_agreement=labels)
 
     assert _within_rounding(d(926), d(804), d(765))
-    assert not _within_rounding(d(2000), d(2000), d(765))  # 2000 > 1.5 * 765
+    assert _within_rounding(d(516), d(516), d(210))  # the 3x-amplitude input: 2.5x the spread
+    assert not _within_rounding(d(4000), d(4000), d(765))  # 4000 > 4 * 765
     assert not _within_rounding(d(926, labels=0.99), d(804), d(765))  # labels must agree on >= 99.5%
     assert not _within_rounding(d(None), d(804), d(765))  # float heads: no step to measure in

@@ -80,15 +80,12 @@ def segment_example(setting: str, bundle_path: Path, data: Path, split: str = "t
 
 def plot_example(example: ExampleSlice) -> bytes:
     """Three panels: the image, the mask over it (one colour per class), the entropy map over it."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
+    from edgeseg.report.render import figure_png, pyplot
+
+    plt = pyplot()
     # Rows of a NIfTI slice are the first array axis; transpose so the slice reads like a viewer's.
     image, labels, entropy = example.image.T, example.labels.T, example.uncertainty.T
     lo, hi = np.percentile(image, [1, 99]) if image.size else (0.0, 1.0)
@@ -96,7 +93,8 @@ def plot_example(example: ExampleSlice) -> bytes:
     n = len(example.class_names)
     mask_cmap = ListedColormap([(0, 0, 0, 0)] + [tuple(colours[i % 10][:3]) + (0.55,) for i in range(n - 1)])
     fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.8), dpi=100)
-    try:
+
+    def draw() -> None:
         for ax in axes:
             ax.imshow(image, cmap="gray", vmin=lo, vmax=hi, origin="lower", interpolation="nearest")
             ax.set_axis_off()
@@ -113,12 +111,8 @@ def plot_example(example: ExampleSlice) -> bytes:
         fig.colorbar(shown, ax=axes[2], fraction=0.046, pad=0.04)
         where = "" if example.axis is None else f", slice {example.index} of axis {example.axis}"
         fig.suptitle(f"{example.setting}: {example.case}{where}", fontsize=10)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        return buf.getvalue()
-    finally:
-        plt.close(fig)
+
+    return figure_png(fig, draw)
 
 
 def example_setting(results: dict[str, Any]) -> dict[str, Any] | None:

@@ -53,23 +53,33 @@ def _classes(rows: Sequence[dict[str, Any]]) -> list[str]:
 # ------------------------------------------------------------------------------------------ plots
 
 
-def _figure_png(draw) -> bytes:
-    import io
-
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    return plt
+
+
+def figure_png(fig, draw) -> bytes:
+    """Run `draw()` on a new figure, then return it as PNG bytes; the figure is always closed."""
+    import io
+
     try:
-        draw(ax)
+        draw()
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
         return buf.getvalue()
     finally:
-        plt.close(fig)
+        pyplot().close(fig)
+
+
+def _figure_png(draw) -> bytes:
+    fig, ax = pyplot().subplots(figsize=(6.4, 4.2), dpi=100)
+    return figure_png(fig, lambda: draw(ax))
 
 
 def plot_dice_vs_size(results: dict[str, Any]) -> bytes:

@@ -55,3 +55,32 @@ def intensity_detector_bundle(tmp_path_factory) -> Path:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(root / "m.onnx"))
     make_bundle(root / "m.onnx", root / "bundle", class_names=["background", "anterior", "posterior"], tile=[16, 16, 16])
     return root / "bundle"
+
+
+class ScriptedBackend:
+    """A runtime backend returning fixed model outputs (C, *T), one pattern per call, cycling; it ignores
+    its input (use flip-invariant patterns under TTA)."""
+
+    name = "scripted"
+    form = "float"
+    description = "scripted"
+
+    def __init__(self, patterns):
+        self.patterns = patterns
+        self.calls = 0
+
+    def run(self, image, masks=None):
+        import numpy as np
+
+        out = self.patterns[self.calls % len(self.patterns)]
+        self.calls += 1
+        return np.repeat(out[None], len(image), axis=0)
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def scripted_backend():
+    """The ScriptedBackend class (test modules cannot import conftest under --import-mode=importlib)."""
+    return ScriptedBackend

@@ -26,21 +26,6 @@ def manifest(output_kind: str = "sigmoid_multilabel") -> Manifest:
                     files={"m.onnx": FileEntry(sha256="0" * 64, bytes=0)}, output_kind=output_kind)
 
 
-class RawScores:
-    """A backend returning fixed raw scores (C, *T) for every tile of the batch."""
-
-    name, form, description = "scripted", "float", "scripted"
-
-    def __init__(self, scores: np.ndarray):
-        self.scores = scores
-
-    def run(self, image, masks=None):
-        return np.repeat(self.scores[None], len(image), axis=0)
-
-    def close(self):
-        pass
-
-
 def test_manifest_accepts_sigmoid_multilabel_with_one_channel_per_class():
     loaded = Manifest.from_dict(manifest().to_dict())
     assert loaded.output_kind == "sigmoid_multilabel" and loaded.model_channels() == 3
@@ -71,14 +56,14 @@ def test_inerrant_rule_by_hand():
     assert scores[0, 0, 0] == 9.0  # the backend's output is not modified
 
 
-def test_segment_volume_reads_sigmoids_and_labels_by_the_rule():
+def test_segment_volume_reads_sigmoids_and_labels_by_the_rule(scripted_backend):
     scores = np.full((3, *SHAPE), -LN3, np.float32)
     scores[0] = 50.0                                # the untrained background channel: ignored
     scores[1, 1:3, 1:3, 1:3] = LN3                  # an anterior cube at 3/4
     scores[2, 1:3, 1:3, 2] = 2 * LN3                # posterior 9/10 overrides anterior on its half
     scores[2, 0, 0, 0] = 0.0                        # a lone voxel at exactly 1/2: posterior
     volume = Volume(np.random.default_rng(0).normal(size=(1, *SHAPE)).astype(np.float32), np.eye(4), (1.0, 1.0, 1.0))
-    seg = segment_volume(volume, manifest(), RawScores(scores), probabilities=True, blend="constant")
+    seg = segment_volume(volume, manifest(), scripted_backend([scores]), probabilities=True, blend="constant")
     labels = np.zeros(SHAPE, np.uint8)
     labels[1:3, 1:3, 1:3] = 1
     labels[1:3, 1:3, 2] = 2
@@ -89,5 +74,5 @@ def test_segment_volume_reads_sigmoids_and_labels_by_the_rule():
     assert seg.probabilities[2, 1, 1, 2] == pytest.approx(0.9, abs=1e-6)
     assert seg.probabilities[2, 0, 0, 0] == pytest.approx(0.5, abs=1e-7)
     # read as softmax logits, the huge background channel would win everywhere: the output kind matters
-    as_logits = segment_volume(volume, manifest("logits"), RawScores(scores), blend="constant")
+    as_logits = segment_volume(volume, manifest("logits"), scripted_backend([scores]), blend="constant")
     assert not as_logits.labels.any()

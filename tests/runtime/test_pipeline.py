@@ -142,26 +142,6 @@ def test_mc_dropout_matches_the_model_with_the_same_masks(kit):
 # ------------------------------------------------------------------------------------- scripted backend
 
 
-class ScriptedBackend:
-    """Returns fixed logits patterns, one per call, cycling; ignores its input (flip-invariant patterns)."""
-
-    name = "scripted"
-    form = "float"
-    description = "scripted"
-
-    def __init__(self, patterns):
-        self.patterns = patterns
-        self.calls = 0
-
-    def run(self, image, masks=None):
-        out = self.patterns[self.calls % len(self.patterns)]
-        self.calls += 1
-        return np.repeat(out[None], len(image), axis=0)
-
-    def close(self):
-        pass
-
-
 def scripted_manifest(shape) -> Manifest:
     entry = FileEntry(sha256="0" * 64, bytes=0)
     return Manifest(spatial_dims=3, in_channels=1, class_names=list(CLASSES), tile_size=list(shape),
@@ -170,7 +150,7 @@ def scripted_manifest(shape) -> Manifest:
                     files={"m.onnx": entry})
 
 
-def test_structure_figures_match_hand_computed_values():
+def test_structure_figures_match_hand_computed_values(scripted_backend):
     shape = (20, 20, 20)
     spacing = (1.5, 1.0, 2.0)
     weak = np.log(np.array([0.4, 0.25, 0.35]))  # background wins weakly where nothing is predicted
@@ -184,7 +164,7 @@ def test_structure_figures_match_hand_computed_values():
         pattern[:, a] = np.array([0.0, 10.0, 0.0])[:, None]
     with_b[:, b] = np.array([0.0, 0.0, 10.0])[:, None]
     # flips over axes (0, 1): four samples; the backend is called once per flip per tile batch
-    backend = ScriptedBackend([with_b, with_b, without_b, without_b])
+    backend = scripted_backend([with_b, with_b, without_b, without_b])
     manifest = scripted_manifest(shape)
     volume = ras_volume(smooth_volume(shape), spacing)
     seg = segment_volume(volume, manifest, backend, tta_axes=[0, 1], uncertainty=True, iou_threshold=0.5,

@@ -24,21 +24,6 @@ def soft_manifest(output_kind: str = "normalized_relu") -> Manifest:
                     files={"m.onnx": FileEntry(sha256="0" * 64, bytes=0)}, output_kind=output_kind)
 
 
-class RawScores:
-    """A backend returning fixed raw scores (K, *T) for every tile of the batch."""
-
-    name, form, description = "scripted", "float", "scripted"
-
-    def __init__(self, scores: np.ndarray):
-        self.scores = scores
-
-    def run(self, image, masks=None):
-        return np.repeat(self.scores[None], len(image), axis=0)
-
-    def close(self):
-        pass
-
-
 def test_manifest_accepts_normalized_relu_with_one_channel_per_class():
     manifest = Manifest.from_dict(soft_manifest().to_dict())
     assert manifest.output_kind == "normalized_relu" and manifest.model_channels() == 2
@@ -48,13 +33,13 @@ def test_manifest_accepts_normalized_relu_with_one_channel_per_class():
         Manifest.from_dict(data)
 
 
-def test_soft_maps_and_labels_by_hand():
+def test_soft_maps_and_labels_by_hand(scripted_backend):
     scores = np.empty((2, *SHAPE), np.float32)
     scores[0], scores[1] = 1.0, -2.0           # outside: background score 1, cord negative
     scores[:, 1:3, 1:3, 1:3] = [[[[-1.0]]], [[[3.0]]]]  # a 2^3 cord: max relu = 3 over the tile
     scores[1, 0, 0, 0] = 1.5                   # a weak cord voxel: [1, 1.5] / 3 = [1/3, 1/2] -> / (5/6)
     volume = Volume(np.random.default_rng(0).normal(size=(1, *SHAPE)).astype(np.float32), np.eye(4), (1.0, 1.0, 1.0))
-    seg = segment_volume(volume, soft_manifest(), RawScores(scores), probabilities=True, blend="constant")
+    seg = segment_volume(volume, soft_manifest(), scripted_backend([scores]), probabilities=True, blend="constant")
     expected = np.zeros((2, *SHAPE), np.float32)
     expected[0] = 1.0                          # [1/3, 0] / (1/3)
     expected[0, 1:3, 1:3, 1:3] = 0.0
@@ -66,5 +51,5 @@ def test_soft_maps_and_labels_by_hand():
     labels[0, 0, 0] = 1
     np.testing.assert_array_equal(seg.labels, labels)
     # the same scores read as logits give softmax probabilities instead: the output kind matters
-    as_logits = segment_volume(volume, soft_manifest("logits"), RawScores(scores), probabilities=True, blend="constant")
+    as_logits = segment_volume(volume, soft_manifest("logits"), scripted_backend([scores]), probabilities=True, blend="constant")
     assert as_logits.probabilities[1, 0, 0, 0] == pytest.approx(1 / (1 + np.exp(-0.5)), abs=1e-6)

@@ -422,6 +422,11 @@ class Bundle:
         spinning = "1" if os.environ.get("EDGESEG_ORT_SPINNING") == "1" else "0"
         options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
         options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
+        # The memory pattern pre-plans one block per input shape and keeps it: without it the memory above
+        # the session fell 228 -> 113 MB (batch 1, 96^3 tile) and 911 -> 449 MB (batch 4) at equal CPU
+        # time, measured. Disabling the CPU arena saved less and cost ~10% time, so the arena stays.
+        # EDGESEG_ORT_MEM_PATTERN=1 restores ONNX Runtime's default.
+        options.enable_mem_pattern = os.environ.get("EDGESEG_ORT_MEM_PATTERN") == "1"
         if optimized_model_path is not None:
             options.optimized_model_filepath = optimized_model_path
         for key, value in self.manifest.form(form_name).session_config.items():

@@ -193,24 +193,36 @@ def model_predictor(backend: Backend, manifest: Manifest, sampling: Sampling, *,
             out = sigmoid_multilabel(out)
         return out.astype(np.float32, copy=False)
 
+    average = not keep_samples and sampling.num_samples > 1
+    passes = len(sampling.mc_masks)
+
     def mc(batch: np.ndarray) -> np.ndarray:
-        if not sampling.mc_masks:
+        """Every MC pass of one batch, written into one preallocated result (summed, then divided, when
+        averaging), so no list of N outputs is held. Shape: (B, C_in, *T) -> (B, N * K or K, *T)."""
+        if not passes:
             return probabilities(batch, None)
-        outs = [probabilities(batch, {k: np.repeat(v, len(batch), axis=0) for k, v in masks.items()})
-                for masks in sampling.mc_masks]
-        return np.concatenate(outs, axis=1)
+        out: np.ndarray | None = None
+        for n, masks in enumerate(sampling.mc_masks):
+            probs = probabilities(batch, {k: np.repeat(v, len(batch), axis=0) for k, v in masks.items()})
+            classes = probs.shape[1]
+            if out is None:  # a copy: the backend may hand out an array it keeps
+                out = (probs.copy() if average
+                       else np.empty((len(batch), passes * classes, *probs.shape[2:]), np.float32))
+            elif average:
+                out += probs
+            if not average:
+                out[:, n * classes:(n + 1) * classes] = probs
+        assert out is not None
+        if average:
+            out /= np.float32(passes)
+        return out
 
-    # TTA packs the flipped tiles into calls of batch_size (the backend's batch; TensorRT's profile batch).
-    predict: Predictor = mc if sampling.flips == [()] else tta_predictor(mc, sampling.flips, batch_size)
-    if keep_samples or sampling.num_samples == 1:
-        return predict
-    count = sampling.num_samples
-
-    def mean(batch: np.ndarray) -> np.ndarray:
-        out = predict(batch)
-        return out.reshape(len(out), count, num_classes, *out.shape[2:]).mean(axis=1)
-
-    return mean
+    if sampling.flips == [()]:
+        return mc
+    # TTA packs the flipped tiles into calls of batch_size (the backend's batch; TensorRT's profile batch) and, when
+    # averaging, adds each call's output straight into the mean: the mean of the F flip means of N passes each is
+    # the mean of all S = F x N samples.
+    return tta_predictor(mc, sampling.flips, batch_size, mean=average)
 
 
 # ------------------------------------------------------------------------------------- the model's grid
@@ -280,7 +292,8 @@ def predict_on_grid(image: np.ndarray, predict: Predictor, *, num_classes: int, 
             out.probabilities[(slice(None), *index)] = mean
         if out.entropy is not None and out.sample_labels is not None:
             out.entropy[index] = entropy_map(mean)
-            out.sample_labels[(slice(None), *index)] = samples.argmax(axis=1)
+            for sample, labels in zip(samples, out.sample_labels):  # one int64 argmax temporary at a time
+                labels[index] = sample.argmax(axis=0)
     return out
 
 

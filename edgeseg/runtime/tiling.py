@@ -139,6 +139,13 @@ def _run(predict: Predictor, batch: np.ndarray, tile: tuple[int, ...]) -> np.nda
     return out
 
 
+def _accumulate(acc: np.ndarray, tile_out: np.ndarray, weights: np.ndarray) -> None:
+    """acc += tile_out * weights, one channel at a time: the temporary is one channel of a tile, not all
+    C_out of them (S x K channels with per-sample outputs). Shape: acc, tile_out (C, *tile); weights (*tile)."""
+    for channel, values in zip(acc, tile_out):
+        channel += values * weights
+
+
 def iter_slabs(
     image: np.ndarray,
     predict: Predictor,
@@ -152,7 +159,8 @@ def iter_slabs(
     """Run `predict` over tiles of `image` and yield finished slabs (z0, z1, blended[:, z0:z1]).
 
     The slabs partition the first spatial axis in order; each block is (C_out, z1 - z0, *rest)
-    float32, the importance-weighted mean of the tile outputs covering it. Tiles are predicted in
+    float32, the importance-weighted mean of the tile outputs covering it (a copy, except the last
+    block: a view of the accumulator, which nothing touches after it). Tiles are predicted in
     order of their start along axis 0, `batch_size` at a time (a batch never spans two starts).
     Peak memory: the input (plus a padded copy when smaller than the tile), one tile-deep
     accumulator of C_out channels and its weight sum, and one batch of tiles.
@@ -177,17 +185,22 @@ def iter_slabs(
     base = 0  # padded z index of acc[:, 0]
     emitted = 0  # padded z index up to which rows were emitted
 
-    def emit(z_end: int) -> Iterator[tuple[int, int, np.ndarray]]:
-        """Normalise and yield padded rows [emitted, z_end), cropped back to the unpadded volume."""
+    def emit(z_end: int, last: bool = False) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Normalise and yield padded rows [emitted, z_end), cropped back to the unpadded volume.
+
+        A copy, as the accumulator is reused, except for the `last` block (up to a tile deep): nothing
+        touches the accumulator after it, so it is yielded as a view and its copy saved."""
         nonlocal emitted
         assert acc is not None
         lo, hi = emitted - base, z_end - base
-        block = acc[:, lo:hi] / wsum[lo:hi][None]
+        block = acc[:, lo:hi]
+        block /= wsum[lo:hi][None]  # in place: these rows are shifted out (or final) once emitted
         block = block[(slice(None), slice(None), *crop_rest)]
         z0, z1 = emitted - pads[0][0], z_end - pads[0][0]
         c0, c1 = max(z0, 0), min(z1, spatial[0])
         if c1 > c0:
-            yield c0, c1, np.ascontiguousarray(block[:, c0 - z0:c1 - z0])
+            block = block[:, c0 - z0:c1 - z0]
+            yield c0, c1, block if last else np.ascontiguousarray(block)
         emitted = z_end
 
     for z in starts[0]:
@@ -208,12 +221,12 @@ def iter_slabs(
                 acc = np.zeros((out.shape[1], depth, *padded[1:]), dtype=np.float32)
             for tile_out, pos in zip(out, group):
                 region = tuple(slice(p, p + t) for p, t in zip(pos, tile[1:]))
-                acc[(slice(None), slice(None), *region)] += tile_out * weights
+                _accumulate(acc[(slice(None), slice(None), *region)], tile_out, weights)
                 wsum[(slice(None), *region)] += weights
             done += 1
             if on_batch is not None:
                 on_batch(done, total_batches)
-    yield from emit(min(base + depth, padded[0]))
+    yield from emit(min(base + depth, padded[0]), last=True)
 
 
 def sliding_window_probabilities(
@@ -290,14 +303,15 @@ def iter_slices(
                             [len(positions)])
             acc, wsum, left = open_[i]
             region = tuple(slice(p, p + t) for p, t in zip(pos, tile))
-            acc[(slice(None), *region)] += tile_out * weights
+            _accumulate(acc[(slice(None), *region)], tile_out, weights)
             wsum[region] += weights
             left[0] -= 1
         if on_batch is not None:
             on_batch(done, total_batches)
         for i in sorted(k for k, v in open_.items() if v[2][0] == 0):
             acc, wsum, _ = open_.pop(i)
-            yield i, np.ascontiguousarray((acc / wsum[None])[(slice(None), *crop)])
+            acc /= wsum[None]
+            yield i, np.ascontiguousarray(acc[(slice(None), *crop)])
 
 
 def predict_slices(

@@ -120,6 +120,14 @@ def test_loading_needs_neither_torch_nor_onnx(qdq_bundle):
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_sessions_do_not_keep_a_memory_pattern_unless_asked(qdq_bundle, monkeypatch):
+    """ONNX Runtime's memory pattern doubled the memory above the session (measured); it is off by default."""
+    monkeypatch.delenv("EDGESEG_ORT_MEM_PATTERN", raising=False)
+    assert load_bundle(qdq_bundle.path).ort_session("q").get_session_options().enable_mem_pattern is False
+    monkeypatch.setenv("EDGESEG_ORT_MEM_PATTERN", "1")
+    assert load_bundle(qdq_bundle.path).ort_session("q").get_session_options().enable_mem_pattern is True
+
+
 # ---- tampering and damage ---------------------------------------------------------------------
 
 

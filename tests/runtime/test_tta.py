@@ -81,3 +81,69 @@ def test_reduce_samples():
         np.testing.assert_array_equal(labels[s], np.argmax(samples[s], axis=0))
     with pytest.raises(ValueError, match="do not split"):
         split_samples(np.zeros((7, 2)), 2)
+
+
+# ------------------------------------------------------------------------------------- packed, preallocated TTA
+
+
+def _ramp_predict(batch):
+    """Deterministic per tile and not flip-equivariant: each output mixes the input with a ramp along every
+    spatial axis of the tile (so a flipped tile gives a different output), three channels."""
+    spatial = batch.shape[2:]
+    ramp = sum(np.arange(s, dtype=np.float32).reshape([-1 if i == a else 1 for i in range(len(spatial))]) * (a + 1)
+               for a, s in enumerate(spatial))
+    x = batch[:, 0]
+    return np.stack([x + ramp, x * x - 0.1 * ramp, np.sin(x) * ramp], axis=1).astype(np.float32)
+
+
+def _reference_tta(predict, batch, flips):
+    """The plain definition: flip, predict each flip set on its own, flip back, stack samples on channels."""
+    return np.concatenate([np.flip(predict(np.ascontiguousarray(np.flip(batch, [a + 2 for a in f]))),
+                                   [a + 2 for a in f]) for f in flips], axis=1)
+
+
+@pytest.mark.parametrize("max_batch", [None, 1, 3, 4, 100])
+def test_tta_predictor_equals_the_plain_definition(max_batch):
+    batch = np.random.default_rng(5).normal(size=(3, 1, 6, 5, 4)).astype(np.float32)
+    flips = flip_sets(3)
+    calls = []
+
+    def predict(x):
+        calls.append(len(x))
+        return _ramp_predict(x)
+
+    expected = _reference_tta(_ramp_predict, batch, flips)  # (3, 8 * 3, 6, 5, 4)
+    got = tta_predictor(predict, flips, max_batch)(batch)
+    np.testing.assert_array_equal(got, expected)  # same float ops per tile: bit-identical
+    chunk = max_batch or len(batch)
+    assert calls == [min(chunk, 24 - i) for i in range(0, 24, chunk)]  # 24 flipped tiles, packed into full calls
+    mean = tta_predictor(_ramp_predict, flips, max_batch, mean=True)(batch)
+    assert mean.shape == (3, 3, 6, 5, 4)
+    np.testing.assert_allclose(mean, expected.reshape(3, 8, 3, 6, 5, 4).mean(axis=1, dtype=np.float64),
+                               rtol=1e-6, atol=1e-5)  # float32 sums of 8 values up to ~40 vs float64: < 1e-5
+    assert np.abs(expected[:, :3] - expected[:, 3:6]).max() > 1  # the samples differ, so alignment is tested
+
+
+def test_tta_predictor_holds_one_result_not_copies_per_flip():
+    """Peak traced allocation while predicting one batch: the result plus a few calls' worth of input, output and
+    predictor temporaries (measured 1.14 MB and 0.45 MB). The former implementation (all flipped tiles stacked,
+    every call's output kept, then concatenated again) peaked at 1.84 MB, 2.3x the result, over this budget."""
+    import tracemalloc
+
+    batch = np.random.default_rng(6).normal(size=(2, 1, 16, 16, 16)).astype(np.float32)
+    flips = flip_sets(3)
+    result_bytes = 2 * 8 * 3 * 16**3 * 4
+    call_bytes = 2 * 4 * 16**3 * 4  # a call of 2 tiles: input (1 channel) + output (3 channels)
+    for mean, budget in ((False, result_bytes + 4 * call_bytes), (True, result_bytes // 8 + 4 * call_bytes)):
+        run = tta_predictor(_ramp_predict, flips, 2, mean=mean)
+        tracemalloc.start()
+        out = run(batch)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert out.nbytes == (result_bytes // 8 if mean else result_bytes)
+        assert peak < budget, f"mean={mean}: peak {peak} B, budget {budget} B"
+
+
+def test_tta_predictor_rejects_a_wrong_batch():
+    with pytest.raises(ValueError, match="predictor returned"):
+        tta_predictor(lambda x: x[:1], flip_sets(2), 2)(np.zeros((2, 1, 4, 4), np.float32))

@@ -18,6 +18,59 @@ Layout = Literal["auto", "pairs", "msd", "bids", "png", "sidecar"]
 Normalization = Literal["zscore", "percentile", "none"]
 
 
+MetadataNormalization = Literal["zscore", "none"]
+
+
+@dataclass(frozen=True)
+class MetadataConfig:
+    """Per-case metadata for models with a metadata input (film_unet): which numbers, from where, how scaled.
+
+    Each case's vector holds `fields` in this order, read from a JSON sidecar beside its image
+    (`<image folder>/<case stem>.json`, BIDS style) or, with `table`, from one row of a CSV/TSV file whose
+    `case_column` holds the case name (with or without its suffix) or its group (the BIDS subject).
+    `normalization: zscore` centres and scales each field with the mean and population std of the training
+    split, recorded in the run (run.json) so evaluation and export reuse them.
+    """
+
+    fields: tuple[str, ...] = ()
+    table: str | None = None  # CSV/TSV (by suffix), relative to the data root or the config's folder; None = sidecars
+    case_column: str = "case"
+    normalization: MetadataNormalization = "zscore"
+
+    def validate(self) -> None:
+        if not self.fields:
+            raise ValueError("metadata.fields must name at least one metadata value, e.g. [contrast, age]")
+        if len(set(self.fields)) != len(self.fields):
+            raise ValueError(f"metadata.fields lists a field twice: {list(self.fields)}")
+        if any(not f.strip() for f in self.fields):
+            raise ValueError("metadata.fields must be non-empty names")
+        if self.table is not None and not self.table.strip():
+            raise ValueError("metadata.table: give a CSV/TSV file, or leave it out to read JSON sidecars")
+        if not self.case_column.strip():
+            raise ValueError("metadata.case_column must be a column name")
+
+
+@dataclass(frozen=True)
+class ModalitiesConfig:
+    """Multi-modal cases in which a modality may be missing (HeMIS; Havaei et al. 2016).
+
+    Channels are the modalities, one file each (MSD / nnU-Net layout, `<case>_0000.nii.gz`, `_0001` ...); a
+    case may lack some of the files: its channel is zero-filled and its modality mask says absent. During
+    training each present modality is also dropped with probability `drop_prob` (redrawn until at least
+    one is kept: with 0.5, every non-empty subset of the present modalities is equally likely), and the
+    dropped channels are zero-filled too.
+    """
+
+    names: tuple[str, ...] = ()  # modality names in channel order; () = dataset.json's channel names
+    drop_prob: float = 0.5
+
+    def validate(self) -> None:
+        if not 0.0 <= self.drop_prob < 1.0:
+            raise ValueError(f"modalities.drop_prob must be within [0, 1), got {self.drop_prob}")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"modalities.names lists a name twice: {list(self.names)}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the data is and how each volume is prepared."""
@@ -39,6 +92,11 @@ class DataConfig:
     evaluate_background: bool = False  # report metrics for class 0 too (e.g. EM membranes)
     synthetic_cases: int = 24  # only for root == "synthetic"
     synthetic_shape: tuple[int, ...] = (48, 48, 48)
+    synthetic_modalities: int = 1  # phantoms with this many modalities (MSD layout when > 1)
+    synthetic_missing: float = 0.0  # probability that a phantom modality file is absent (one always kept)
+    synthetic_metadata: bool = False  # phantoms with JSON sidecars {contrast, gain} that change the image
+    metadata: MetadataConfig | None = None  # per-case metadata vectors (film_unet); None = none
+    modalities: ModalitiesConfig | None = None  # modality masks, missing modalities allowed (hemis_unet)
     # partial labels (training cases only): {case name: [annotated class names]}, or a JSON file of that
     # mapping (absolute, or relative to the data root); a case left out is fully annotated. A class not
     # listed for a case is unknown there, not background: train.scheme inerrant treats it so (Petit et al.
@@ -71,6 +129,12 @@ class DataConfig:
             raise ValueError("partial_labels: give a JSON file or a mapping {case: [annotated classes]}")
         if isinstance(self.partial_labels, dict):
             check_partial_labels(self.partial_labels, self.class_names, "partial_labels")
+        if self.synthetic_modalities < 1:
+            raise ValueError("synthetic_modalities must be >= 1")
+        if not 0.0 <= self.synthetic_missing < 1.0:
+            raise ValueError("synthetic_missing must be within [0, 1)")
+        if self.synthetic_missing > 0 and self.synthetic_modalities < 2:
+            raise ValueError("synthetic_missing needs synthetic_modalities >= 2 (a case keeps at least one)")
 
     @property
     def tile_size(self) -> tuple[int, ...]:

@@ -9,7 +9,10 @@ Layouts (`discover_cases(root, layout)`):
 - "msd":     nnU-Net / Medical Segmentation Decathlon raw data: imagesTr/<id>_0000.nii.gz,
              <id>_0001.nii.gz ... (one file per channel), labelsTr/<id>.nii.gz, optional imagesTs/
              (unlabelled) and dataset.json (channel count checked; see `dataset_info`). MSD's original
-             files without channel suffixes (imagesTr/<id>.nii.gz) are accepted too.
+             files without channel suffixes (imagesTr/<id>.nii.gz) are accepted too. With
+             `missing_channels=True` (hetero-modal data, HeMIS) a case may lack some channel files: the
+             channel count M comes from dataset.json (else `channels`, else the largest index + 1) and
+             each case records the channels it lacks (`CaseRef.missing_channels`).
 - "bids":    sub-*/[ses-*/]<modality>/<stem>.nii.gz with labels in
              derivatives/labels/sub-*/[ses-*/]<modality>/<stem>_seg-manual.nii.gz (e.g. msd_spleen_ct_crop).
 - "sidecar": any folder tree with each label beside its image: X.nii.gz + X<suffix>.nii.gz, the first
@@ -55,10 +58,22 @@ class CaseRef:
     images: tuple[Path, ...]
     label: Path | None
     group: str = field(default="", compare=False)  # cases of one group stay in one split; "" = own group
+    missing_channels: tuple[int, ...] = ()  # channel indices without a file (`images` holds the others, in order)
 
     @property
     def group_key(self) -> str:
         return self.group or self.name
+
+    @property
+    def num_channels(self) -> int:
+        """Channels of the case's image, missing ones included."""
+        return len(self.images) + len(self.missing_channels)
+
+    def present_channels(self) -> np.ndarray:
+        """(num_channels,) bool: True where the channel has a file."""
+        present = np.ones(self.num_channels, dtype=bool)
+        present[list(self.missing_channels)] = False
+        return present
 
 
 @dataclass(frozen=True)
@@ -70,9 +85,14 @@ class DatasetInfo:
 
 
 def discover_cases(
-    root: Path, layout: str = "auto", *, label_suffixes: Sequence[str] = SIDECAR_LABEL_SUFFIXES
+    root: Path, layout: str = "auto", *, label_suffixes: Sequence[str] = SIDECAR_LABEL_SUFFIXES,
+    missing_channels: bool = False, channels: int | None = None,
 ) -> list[CaseRef]:
-    """All cases under `root` in `layout` (see the module docstring), sorted naturally by name."""
+    """All cases under `root` in `layout` (see the module docstring), sorted naturally by name.
+
+    missing_channels: allow MSD cases without some channel files (their indices go to
+    `CaseRef.missing_channels`); `channels` is the expected channel count when dataset.json gives none.
+    """
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"data folder not found: {root}")
@@ -83,7 +103,7 @@ def discover_cases(
     if layout in ("pairs", "png"):
         cases = _pairs(root, rasters_only=layout == "png")
     elif layout == "msd":
-        cases = _msd(root)
+        cases = _msd(root, missing_channels, channels)
     elif layout == "bids":
         cases = _bids(root)
     else:
@@ -184,7 +204,7 @@ def dataset_info(root: Path) -> DatasetInfo | None:
     return DatasetInfo(channel_names, tuple(name for _, name in pairs))
 
 
-def _msd(root: Path) -> list[CaseRef]:
+def _msd(root: Path, missing_channels: bool = False, channels: int | None = None) -> list[CaseRef]:
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
     if not images_dir.is_dir():
         raise UserError(f"{root}: missing folder imagesTr/ (MSD / nnU-Net layout)")
@@ -192,30 +212,45 @@ def _msd(root: Path) -> list[CaseRef]:
     train = _image_files(images_dir)
     info = dataset_info(root)
     expected = len(info.channel_names) if info is not None and info.channel_names else None
+    if expected is not None and channels is not None and channels != expected:
+        raise UserError(f"{root / 'dataset.json'} lists {expected} channel(s) but {channels} modalities are "
+                        "configured (data.modalities.names)")
     # MSD's original files carry no channel suffix: every training image has a same-named label.
     suffixed = not (train and all(p.name in labels for p in train))
+    folders = {folder: _group_channels(_image_files(folder), suffixed, missing_channels)
+               for folder in (images_dir, root / "imagesTs")}
+    count = expected or channels
+    if missing_channels and count is None:
+        count = max((max(by_index) + 1 for grouped in folders.values() for by_index in grouped.values()), default=1)
     cases, used = [], set()
-    for folder in (images_dir, root / "imagesTs"):
-        grouped = _group_channels(_image_files(folder), suffixed)
-        for name, files in grouped.items():
-            if expected is not None and len(files) != expected:
-                raise UserError(f"{folder / name}: {len(files)} channel file(s) but dataset.json lists "
+    for folder, grouped in folders.items():
+        for name, by_index in grouped.items():
+            if missing_channels:
+                assert count is not None
+                beyond = sorted(i for i in by_index if i >= count)
+                if beyond:
+                    raise UserError(f"{folder / name}: channel file(s) {beyond} beyond the {count} channel(s) "
+                                    "of the dataset")
+            elif expected is not None and len(by_index) != expected:
+                raise UserError(f"{folder / name}: {len(by_index)} channel file(s) but dataset.json lists "
                                 f"{expected} channel(s)")
+            files = tuple(by_index[i] for i in sorted(by_index))
+            missing = tuple(i for i in range(count or 0) if i not in by_index) if missing_channels else ()
             label = labels.get(name) if folder == images_dir else None
             if label is not None:
                 used.add(name)
-            cases.append(CaseRef(name, tuple(files), label))
-    counts = {len(c.images) for c in cases}
+            cases.append(CaseRef(name, files, label, missing_channels=missing))
+    counts = {c.num_channels for c in cases}
     if len(counts) > 1:
         raise UserError(f"{root}: cases have different channel counts {sorted(counts)}")
     _check_orphans(labels_dir, [p for n, p in labels.items() if n not in used])
     return cases
 
 
-def _group_channels(files: list[Path], suffixed: bool) -> dict[str, list[Path]]:
-    """Case name -> channel files in channel order; channel indices must run 0, 1, 2 ..."""
+def _group_channels(files: list[Path], suffixed: bool, allow_gaps: bool = False) -> dict[str, dict[int, Path]]:
+    """Case name -> {channel index: file}; without `allow_gaps` the indices must run 0, 1, 2 ..."""
     if not suffixed:
-        return {p.name: [p] for p in files}
+        return {p.name: {0: p} for p in files}
     channels: dict[str, dict[int, Path]] = {}
     for p in files:
         suffix = file_suffix(p)
@@ -223,13 +258,12 @@ def _group_channels(files: list[Path], suffixed: bool) -> dict[str, list[Path]]:
         if match is None:
             raise UserError(f"{p}: no channel suffix (expected <case>_0000{suffix}, <case>_0001{suffix} ...)")
         channels.setdefault(match["id"] + suffix, {})[int(match["channel"])] = p
-    out = {}
-    for name, by_index in channels.items():
-        if sorted(by_index) != list(range(len(by_index))):
-            raise UserError(f"{name}: channel files {sorted(by_index)} are not numbered 0000, 0001, ... "
-                            "without gaps")
-        out[name] = [by_index[i] for i in range(len(by_index))]
-    return out
+    if not allow_gaps:
+        for name, by_index in channels.items():
+            if sorted(by_index) != list(range(len(by_index))):
+                raise UserError(f"{name}: channel files {sorted(by_index)} are not numbered 0000, 0001, ... "
+                                "without gaps (for missing modalities set data.modalities)")
+    return channels
 
 
 def _bids(root: Path) -> list[CaseRef]:

@@ -64,8 +64,10 @@ class FiLMedUNet(UNetFamily):
     type, encoded as numbers) -> one FiLM generator per block -> per-channel (γ, β) applied as
     γ·F + β to the block's output. Everything else is the U-Net of `edgeseg.nets.unet`.
 
-    forward(x, metadata): metadata (B, metadata_dim) float, one row per case (the training and
-    runtime pipelines do not feed it yet, so the model is neither quantizable nor exportable).
+    forward(x, metadata): metadata (B, metadata_dim) float, one row per case. `edgeseg train` and
+    `edgeseg evaluate` feed it from `data.metadata` (JSON sidecars or a table, z-scored with the training
+    split's statistics recorded in run.json; `edgeseg.train.inputs`); the quantization, export and
+    runtime pipelines do not carry it yet, so the model is neither quantizable nor exportable.
 
     Shape: x (B, in_channels, *S) with every S divisible by 2**depth -> logits (B, out_channels, *S).
     """

@@ -56,7 +56,10 @@ class HeMISUNet(UNetFamily):
 
     forward(x, modality_mask): x holds the M = in_channels modalities as channels; modality_mask
     (B, M) is 1 where a modality is present, 0 where it is missing (its channel is ignored).
-    Training on random subsets (the paper's way to learn robustness) is the data pipeline's job.
+    Training on random subsets (the paper's way to learn robustness) is the data pipeline's job:
+    `data.modalities` in `edgeseg train` (missing files zero-filled and masked, present modalities
+    dropped at random with at least one kept; `edgeseg.train.sampling`). The quantization, export and
+    runtime pipelines do not carry the mask yet.
 
     Shape: x (B, M, *S) with every S divisible by 2**depth -> logits (B, out_channels, *S).
     """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,16 @@ from edgeseg.nets import build_from_config
 from edgeseg.train import distributed
 from edgeseg.train.checkpoint import load_weights
 from edgeseg.train.inerrant import resolve_partial_labels
+from edgeseg.train.inputs import (
+    attach_metadata,
+    check_extra_inputs,
+    fit_metadata,
+    keep_modalities,
+    modality_names,
+    recorded_metadata,
+    with_metadata_dim,
+    with_resolved_table,
+)
 from edgeseg.train.loop import FitParts, FitResult, FitSchedule, fit
 from edgeseg.train.optim import build_optimizer, build_scheduler
 from edgeseg.train.rundir import RunDir, RunInfo
@@ -48,16 +59,6 @@ def _check_dims(cases: list[PreparedCase], spatial_dims: int, source: str) -> No
         raise UserError(f"{source}: the data is 2D but data.spatial_dims is 3 (set data.spatial_dims=2)")
 
 
-def _refuse_extra_inputs(model_name: str) -> None:
-    """Models that need per-case extra inputs (FiLM metadata, HeMIS modality masks) have no data plumbing yet."""
-    from edgeseg.nets.registry import model_capabilities
-
-    extra = model_capabilities(model_name).extra_inputs
-    if extra:
-        raise UserError(f"model '{model_name}' needs extra inputs ({', '.join(extra)}) that edgeseg's data loading "
-                        "does not provide yet; it can be built and tested as a module but not trained from a config")
-
-
 def train_experiment(cfg: ExperimentConfig, out: Path, *, resume: bool = False, config_dir: Path | None = None,
                      console: Console | None = None) -> FitResult:
     """Train the float model an experiment describes into run directory `out`.
@@ -66,7 +67,6 @@ def train_experiment(cfg: ExperimentConfig, out: Path, *, resume: bool = False, 
     directory, and `fit` trains data-parallel (`edgeseg.train.distributed`).
     """
     console = console or Console()
-    _refuse_extra_inputs(cfg.model.name)
     run = RunDir(out)
     if resume:
         if not run.last.is_file():
@@ -74,6 +74,8 @@ def train_experiment(cfg: ExperimentConfig, out: Path, *, resume: bool = False, 
         cfg = run.read_config()
     elif run.last.is_file() or run.config_path.is_file():
         raise UserError(f"{out} already holds a run; use --resume to continue it or choose another --out")
+    extra_inputs = check_extra_inputs(cfg)  # before anything is written
+    cfg = with_metadata_dim(cfg)
     configure_torch(cfg.train)
     ctx = distributed.setup(pick_device(cfg.train.device))
     device = ctx.device
@@ -91,7 +93,8 @@ def train_experiment(cfg: ExperimentConfig, out: Path, *, resume: bool = False, 
             root = resolve_data_root(cfg, out, config_dir)
     if cfg.data.root == "synthetic":
         cfg = replace(cfg, data=replace(cfg.data, root=str(root.resolve())))
-    splits = load_data_splits(root, cfg.data.layout, cfg.data.splits, cfg.train.seed)
+    cfg = with_resolved_table(cfg, root, config_dir)
+    splits = load_data_splits(root, cfg.data.layout, cfg.data.splits, cfg.train.seed, cfg.data.modalities)
     if cfg.data.partial_labels is not None:  # checked against the data, and kept in the run's config as a mapping
         names = [c.name for c in (*splits.train, *splits.val, *splits.test)]
         record = resolve_partial_labels(cfg.data.partial_labels, cfg.data.class_names, root, names)
@@ -101,6 +104,12 @@ def train_experiment(cfg: ExperimentConfig, out: Path, *, resume: bool = False, 
     train_cases = load_cases(splits.get("train"), spec, num_classes, console, "train cases")
     val_cases = load_cases(splits.val, spec, num_classes, console, "val cases") if splits.val else []
     _check_dims(train_cases, cfg.data.spatial_dims, str(root))
+    metadata = None
+    if cfg.data.metadata is not None:  # fitted on the training split once; a resumed run reads the record
+        metadata = (recorded_metadata(run.read_info().metadata, cfg, str(run.info_path)) if resume
+                    else fit_metadata(cfg, splits.train, root))
+        attach_metadata(train_cases, splits.train, cfg, root, metadata)
+        attach_metadata(val_cases, splits.val, cfg, root, metadata)
     in_channels = train_cases[0].image.shape[0]
     sample_cases = train_cases
     if cfg.data.spatial_dims == 2 and train_cases[0].image.ndim == 4:
@@ -122,13 +131,16 @@ def train_experiment(cfg: ExperimentConfig, out: Path, *, resume: bool = False, 
             spatial_dims=cfg.data.spatial_dims, in_channels=in_channels, class_names=list(cfg.data.class_names),
             patch_size=list(patch), tile_size=list(cfg.data.tile_size), preprocess=spec.to_dict(), data_root=str(root), slice_axis=cfg.data.slice_axis,
             evaluate_background=cfg.data.evaluate_background,
+            metadata=None if metadata is None else metadata.to_dict(),
+            modalities=modality_names(cfg, root, in_channels),
         ))
     parts = FitParts(model=model, loss_fn=build_training_loss(cfg), optimizer=optimizer, scheduler=scheduler,
                      sampler=sampler, val_cases=val_cases, spec=spec, class_names=cfg.data.class_names,
                      patch_size=patch, tile_size=tuple(cfg.data.tile_size), spatial_dims=cfg.data.spatial_dims, device=device,
                      slice_axis=cfg.data.slice_axis, include_background=cfg.data.evaluate_background,
                      output_activation=output_activation(cfg),
-                     relabel=build_relabeller(cfg, sample_cases, sampler, tuple(cfg.data.tile_size)))
+                     relabel=build_relabeller(cfg, sample_cases, sampler, tuple(cfg.data.tile_size)),
+                     extra_inputs=extra_inputs)
     console.print(f"training {cfg.model.name} ({sum(p.numel() for p in model.parameters()):,} parameters) on "
                   f"{len(train_cases)} cases, validating on {len(val_cases)}; device {device}; run dir {out}")
     schedule = FitSchedule(cfg.train.epochs, cfg.train.steps_per_epoch, cfg.train.batch_size, cfg.train.val_every,
@@ -147,8 +159,13 @@ def load_run_model(run_dir: Path, weights: Path | None = None, layers=None) -> t
 
 
 def evaluate_run(run_dir: Path, *, data: Path | None, split: str, console: Console | None = None,
-                 device: str = "auto") -> dict[str, Any]:
-    """Per-case and summary metrics of a run's model on a split of its (or another) dataset."""
+                 device: str = "auto", modalities: Sequence[str] | None = None) -> dict[str, Any]:
+    """Per-case and summary metrics of a run's model on a split of its (or another) dataset.
+
+    Metadata is normalised with the run's recorded statistics; `modalities` (names from run.json) keeps only
+    those modalities, the others treated as missing (HeMIS's evaluation on every subset); cases that have
+    none of them are left out and listed in "skipped_cases".
+    """
     from edgeseg.data.preprocess import PreprocessSpec
     from edgeseg.train.evaluation import evaluate_predictions
     from edgeseg.train.inference import predict_labels
@@ -160,13 +177,22 @@ def evaluate_run(run_dir: Path, *, data: Path | None, split: str, console: Conso
     root = Path(data) if data is not None else Path(info.data_root or "")
     if not root.is_dir():
         raise UserError(f"data folder not found: {root} (pass --data)")
-    splits = load_data_splits(root, cfg.data.layout, cfg.data.splits, cfg.train.seed)
+    extra_inputs = check_extra_inputs(cfg)
+    splits = load_data_splits(root, cfg.data.layout, cfg.data.splits, cfg.train.seed, cfg.data.modalities)
     spec = PreprocessSpec.from_dict(info.preprocess)
-    cases = load_cases(splits.get(split), spec, len(info.class_names), console, f"{split} cases")
+    refs = splits.get(split)
+    cases = load_cases(refs, spec, len(info.class_names), console, f"{split} cases")
+    if cfg.data.metadata is not None:
+        attach_metadata(cases, refs, cfg, root, recorded_metadata(info.metadata, cfg, str(RunDir(run_dir).info_path)))
+    skipped: list[str] = []
+    if modalities is not None:
+        if info.modalities is None:
+            raise UserError(f"{run_dir} was not trained with data.modalities: no modalities to choose from")
+        cases, skipped = keep_modalities(cases, info.modalities, modalities)
 
     def predict(case: PreparedCase):
         return predict_labels(model, case.image, tuple(info.tile_size), dev, info.spatial_dims, info.slice_axis,
-                              activation=output_activation(cfg))
+                              activation=output_activation(cfg), inputs=case.model_inputs(extra_inputs))
 
     with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task(f"evaluating {split}", total=len(cases))
@@ -175,4 +201,7 @@ def evaluate_run(run_dir: Path, *, data: Path | None, split: str, console: Conso
     result["run"] = str(run_dir)
     result["split"] = split
     result["data"] = str(root)
+    if modalities is not None:
+        result["modalities"] = list(modalities)
+        result["skipped_cases"] = skipped  # none of those modalities on disk
     return result

@@ -71,6 +71,7 @@ class FitParts:
     include_background: bool = False
     output_activation: str = "softmax"  # how validation reads the output: softmax, normalized_relu (SoftSeg), ...
     relabel: Relabeller | None = None  # INERRANT's pseudo-labelling of the sampler's cases
+    extra_inputs: tuple[str, ...] = ()  # the model's inputs besides the image, in forward order (FiLM, HeMIS)
 
 
 @dataclass
@@ -103,7 +104,8 @@ def validate(parts: FitParts) -> dict[str, Any]:
 
     def predict(case: PreparedCase) -> np.ndarray:
         return predict_labels(parts.model, case.image, parts.tile_size or parts.patch_size, parts.device,
-                              parts.spatial_dims, parts.slice_axis, activation=parts.output_activation)
+                              parts.spatial_dims, parts.slice_axis, activation=parts.output_activation,
+                              inputs=case.model_inputs(parts.extra_inputs))
 
     rank, world = distributed.rank(), distributed.world_size()
     if world == 1:
@@ -233,12 +235,13 @@ def fit(parts: FitParts, schedule: FitSchedule, run: RunDir, *, resume: bool, co
                     while state["step"] < schedule.steps_per_epoch:
                         if distributed.any_rank(stop.requested):  # all ranks stop at the same step
                             raise _StopRequested
-                        images, labels = parts.sampler.next_batch(schedule.batch_size)
-                        x = torch.from_numpy(images).to(device)
-                        y = torch.from_numpy(labels).to(device)
+                        batch = parts.sampler.next_batch(schedule.batch_size)
+                        x = torch.from_numpy(batch.images).to(device)
+                        y = torch.from_numpy(batch.labels).to(device)
+                        extra = [torch.from_numpy(batch.inputs[name]).to(device) for name in parts.extra_inputs]
                         parts.optimizer.zero_grad(set_to_none=True)
                         with _autocast(device, schedule.amp):
-                            loss = parts.loss_fn(net(x), y)
+                            loss = parts.loss_fn(net(x, *extra), y)
                         loss_value = distributed.mean_over_ranks(loss.detach())  # the global batch's loss
                         if not np.isfinite(loss_value):
                             raise FloatingPointError(f"loss became {loss_value} at epoch {epoch}, step {state['step']}")

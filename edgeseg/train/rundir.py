@@ -39,6 +39,8 @@ class RunInfo:
     evaluate_background: bool = False
     bits: str = "fp32"  # "W/A" for quantized runs
     parent_run: str | None = None  # the float run a quantized run came from
+    metadata: dict[str, Any] | None = None  # MetadataNormalization.to_dict(): fields, method, mean, std (FiLM)
+    modalities: list[str] | None = None  # channel (modality) names when modalities may be missing (HeMIS)
     edgeseg_version: str = __version__
     extra: dict[str, Any] = field(default_factory=dict)
 

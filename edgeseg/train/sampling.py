@@ -16,22 +16,54 @@ Patch placement (`set_mode`, chosen by the training loop each epoch):
   and a new set is drawn every epoch;
 - "natural": uniform among all windows of the training set (the real, imbalanced distribution;
   step 2 of two-step training).
+
+Extra model inputs (conditioned models): each sample carries its case's metadata vector (FiLM) and its
+modality mask (HeMIS); with `modality_drop` > 0 present modalities are dropped at random (at least one
+kept, `edgeseg.data.modalities.drop_modalities`) after augmentation, and absent channels, missing or
+dropped, are zero-filled. The drop is the last draw of the sample's own stream, so it changes no other
+draw, and the generator state in checkpoints makes the drops resume exactly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 
 from edgeseg.data.augment import Compose, mixup, mixup_lambda, one_hot
 from edgeseg.data.cases import PreparedCase
+from edgeseg.data.modalities import drop_modalities, zero_absent
 from edgeseg.data.patches import PatchSampler, pad_to_shape
 from edgeseg.errors import UserError
 
 SamplingMode = Literal["standard", "balanced", "natural"]
 SAMPLING_MODES: tuple[str, ...] = ("standard", "balanced", "natural")
+EXTRA_INPUTS: tuple[str, ...] = ("metadata", "modality_mask")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One rank's share of a training batch: images, labels and the model's extra inputs in forward order.
+
+    Reads as the pair (images, labels) (unpacking, indexing, len) for callers that train image-only models.
+    Shape: images (B, C, *patch) float32; labels as `BatchSampler` says; inputs name -> (B, ...) float32
+    ("metadata" (B, D), "modality_mask" (B, C)).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return iter((self.images, self.labels))
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return (self.images, self.labels)[index]
+
+    def __len__(self) -> int:
+        return 2
 
 
 class BatchSampler:
@@ -48,6 +80,9 @@ class BatchSampler:
     the loss reads (INERRANT's partial-label targets, `edgeseg.train.inerrant.partial_targets`);
     `set_label` replaces a case's label (INERRANT's pseudo-labels). Cases are indexed in the order
     given, unlabelled ones left out.
+    extra_inputs: names of the model's extra inputs ("metadata", "modality_mask") each batch carries, in
+    forward order; modality_drop: probability of dropping each present modality of a sample (see the
+    module docstring; missing modalities are zero-filled whatever it is).
     Shape: images (B / world_size, C, *patch) float32; labels (B / world_size, *patch) int64, or
     (B / world_size, K, *patch) float32 with num_classes or a label_transform.
     """
@@ -63,15 +98,30 @@ class BatchSampler:
         num_classes: int | None = None,
         mixup_alpha: float = 0.0,
         label_transform: Callable[[np.ndarray, int], np.ndarray] | None = None,
+        extra_inputs: Sequence[str] = (),
+        modality_drop: float = 0.0,
     ):
         labelled = [c for c in cases if c.label is not None]
         if not labelled:
             raise UserError("no labelled training cases")
         if mixup_alpha > 0 and num_classes is None:
             raise ValueError("mixup mixes per-class labels: give num_classes")
+        unknown = [n for n in extra_inputs if n not in EXTRA_INPUTS]
+        if unknown:
+            raise ValueError(f"unknown extra inputs {unknown}; known: {EXTRA_INPUTS}")
+        if mixup_alpha > 0 and (extra_inputs or modality_drop > 0):
+            raise ValueError("mixup of samples with extra inputs or modality masks is not supported")
         if label_transform is not None and num_classes is not None:
             raise ValueError("label_transform reads class-index labels: leave num_classes None")
         self.samplers = [PatchSampler(c.image, c.label, patch_size) for c in labelled]
+        self.extra_inputs = tuple(extra_inputs)
+        self.modality_drop = float(modality_drop)
+        self.present = [c.present_modalities() for c in labelled]
+        self.metadata = [c.metadata for c in labelled]
+        if "metadata" in self.extra_inputs:
+            without = [c.name for c in labelled if c.metadata is None]
+            if without:
+                raise ValueError(f"cases without metadata: {without[:3]}")
         self.with_foreground = [i for i, s in enumerate(self.samplers) if len(s.foreground)]
         self.foreground_oversample = foreground_oversample
         self.augmentation = augmentation
@@ -137,36 +187,53 @@ class BatchSampler:
         idx = int(rng.choice(pool))
         return (*self.samplers[idx].sample(rng, foreground=want_fg), idx)
 
-    def _augmented(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def _augmented(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
         image, label, idx = self._patch(rng)
         if self.num_classes is not None:
             label = one_hot(label, self.num_classes)
         image, label = self.augmentation(image, label, rng)
         if self.label_transform is not None:
             label = self.label_transform(label, idx)
-        return image, label
+        return image, label, idx
 
-    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """One training sample from its own random stream."""
+    def sample_with_inputs(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """One training sample from its own random stream, with its extra inputs (name -> per-sample array)."""
         if self.mixup_alpha > 0:
             lam = mixup_lambda(rng, self.mixup_alpha)
-            return mixup(self._augmented(rng), self._augmented(rng), lam)
-        return self._augmented(rng)
+            first, second = self._augmented(rng), self._augmented(rng)
+            return (*mixup(first[:2], second[:2], lam), {})
+        image, label, idx = self._augmented(rng)
+        mask = drop_modalities(self.present[idx], self.modality_drop, rng)
+        image = zero_absent(image, mask)  # missing and dropped channels, after intensity augmentation
+        inputs: dict[str, np.ndarray] = {}
+        for name in self.extra_inputs:
+            inputs[name] = (mask.astype(np.float32) if name == "modality_mask"
+                            else np.asarray(self.metadata[idx], dtype=np.float32))
+        return image, label, inputs
 
-    def next_batch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """This rank's share of the next global batch of `batch_size` samples."""
+    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """One training sample (image, label) from its own random stream."""
+        image, label, _ = self.sample_with_inputs(rng)
+        return image, label
+
+    def next_batch(self, batch_size: int) -> Batch:
+        """This rank's share of the next global batch of `batch_size` samples (unpacks as images, labels)."""
         if batch_size % self.world_size:
             raise UserError(f"train.batch_size {batch_size} (the global batch) must be divisible by the "
                             f"number of processes ({self.world_size})")
         keys = self.rng.integers(0, 2**63 - 1, size=batch_size, dtype=np.int64)  # every rank draws all keys
         share = batch_size // self.world_size
         images, labels = [], []
+        inputs: dict[str, list[np.ndarray]] = {name: [] for name in self.extra_inputs}
         for key in keys[self.rank * share:(self.rank + 1) * share]:
-            image, label = self.sample(np.random.default_rng(int(key)))
+            image, label, extra = self.sample_with_inputs(np.random.default_rng(int(key)))
             images.append(image)
             labels.append(label)
+            for name in self.extra_inputs:
+                inputs[name].append(extra[name])
         label_dtype = np.int64 if self.num_classes is None and self.label_transform is None else np.float32
-        return np.stack(images).astype(np.float32), np.stack(labels).astype(label_dtype)
+        return Batch(np.stack(images).astype(np.float32), np.stack(labels).astype(label_dtype),
+                     {name: np.stack(values).astype(np.float32) for name, values in inputs.items()})
 
     def get_state(self) -> dict:
         return self.rng.bit_generator.state

@@ -25,6 +25,7 @@ from edgeseg.data.augment import build_augmentation
 from edgeseg.data.cases import PreparedCase
 from edgeseg.losses import build_loss
 from edgeseg.train.inerrant import Relabeller, RelabelSchedule, apply_partial_labels, partial_targets
+from edgeseg.train.inputs import model_extra_inputs
 from edgeseg.train.sampling import BatchSampler
 from edgeseg.train.softseg import SoftSegLoss
 
@@ -54,7 +55,8 @@ def build_training_loss(cfg: ExperimentConfig) -> nn.Module:
 def build_sampler(cfg: ExperimentConfig, cases: Sequence[PreparedCase], patch: tuple[int, ...], spatial_dims: int,
                   seed: int) -> BatchSampler:
     """The training batch sampler with the configured augmentation and label schemes (`data.partial_labels` must
-    be the resolved mapping, see `edgeseg.train.inerrant.resolve_partial_labels`)."""
+    be the resolved mapping, see `edgeseg.train.inerrant.resolve_partial_labels`), the model's extra inputs and
+    data.modalities' random modality dropping."""
     soft = per_class_labels(cfg)
     augmentation = build_augmentation(cfg.augment, spatial_dims, per_class_labels=soft,
                                       soft_labels=cfg.train.scheme == "softseg")
@@ -67,7 +69,8 @@ def build_sampler(cfg: ExperimentConfig, cases: Sequence[PreparedCase], patch: t
             transform = functools.partial(_case_targets, annotated)
     return BatchSampler(cases, patch, cfg.data.foreground_oversample, augmentation, seed=seed,
                         num_classes=cfg.data.num_classes if soft else None, mixup_alpha=cfg.augment.mixup_alpha,
-                        label_transform=transform)
+                        label_transform=transform, extra_inputs=model_extra_inputs(cfg),
+                        modality_drop=0.0 if cfg.data.modalities is None else cfg.data.modalities.drop_prob)
 
 
 def _case_targets(annotated: Sequence[np.ndarray], label: np.ndarray, index: int) -> np.ndarray:

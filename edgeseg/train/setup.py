@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from edgeseg.config import ExperimentConfig, TrainConfig
+from edgeseg.config import ExperimentConfig, ModalitiesConfig, TrainConfig
 from edgeseg.data.discovery import CaseRef, discover_cases, load_splits
 from edgeseg.data.preprocess import PreprocessSpec
 from edgeseg.errors import UserError
@@ -34,7 +34,9 @@ def resolve_data_root(cfg: ExperimentConfig, out: Path, config_dir: Path | None)
         root = out / "synthetic_data"
         if not (root / "splits.json").is_file():
             write_phantom_dataset(root, n_cases=cfg.data.synthetic_cases, shape=tuple(cfg.data.synthetic_shape),
-                                  seed=cfg.train.seed, num_classes=cfg.data.num_classes)
+                                  seed=cfg.train.seed, num_classes=cfg.data.num_classes,
+                                  modalities=cfg.data.synthetic_modalities, missing=cfg.data.synthetic_missing,
+                                  metadata=cfg.data.synthetic_metadata)
         return root
     root = cfg.data_root(config_dir)
     assert root is not None
@@ -59,8 +61,11 @@ class Splits:
         return cases
 
 
-def load_data_splits(root: Path, layout: str, splits_file: str | None, seed: int) -> Splits:
-    cases = discover_cases(root, layout)
+def load_data_splits(root: Path, layout: str, splits_file: str | None, seed: int,
+                     modalities: ModalitiesConfig | None = None) -> Splits:
+    """The dataset's cases by split; with `modalities` (HeMIS data) cases may lack some channel files."""
+    cases = discover_cases(root, layout, missing_channels=modalities is not None,
+                           channels=len(modalities.names) if modalities is not None and modalities.names else None)
     splits = load_splits(root, splits_file, cases, seed=seed)
     return Splits(root, list(splits.get("train", [])), list(splits.get("val", [])), list(splits.get("test", [])))
 

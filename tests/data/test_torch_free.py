@@ -13,6 +13,7 @@ def test_data_modules_do_not_import_torch():
     code = (
         "import sys\n"
         "import edgeseg.data.io, edgeseg.data.preprocess, edgeseg.data.discovery, edgeseg.data.phantoms\n"
+        "import edgeseg.data.metadata, edgeseg.data.modalities\n"
         "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'monai', 'brevitas'))\n"
         "print(','.join(loaded))\n"
     )

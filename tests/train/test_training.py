@@ -102,13 +102,10 @@ def test_2d_model_trains_on_slices_of_3d_volumes(tmp_path):
     assert result.epochs_done == 1 and result.best_dice is not None
 
 
-@pytest.mark.parametrize("model", ["film_unet", "hemis_unet"])
-def test_models_needing_extra_inputs_are_refused_before_training(tmp_path, model):
-    from edgeseg.config import load_experiment
-    from edgeseg.errors import UserError
-    from edgeseg.train.experiment import train_experiment
-
+@pytest.mark.parametrize("model,needs", [("film_unet", "per-case metadata"), ("hemis_unet", "modality masks")])
+def test_models_needing_extra_inputs_are_refused_without_their_data_config(tmp_path, model, needs):
+    """FiLM / HeMIS train only with data.metadata / data.modalities (tests/train/test_extra_inputs.py)."""
     cfg = load_experiment(None, ["data.root=synthetic", f"model.name={model}"])
-    with pytest.raises(UserError, match="needs extra inputs"):
-        train_experiment(cfg, tmp_path / "run")
+    with pytest.raises(UserError, match=f"needs {needs}"):
+        train_experiment(cfg, tmp_path / "run", console=QUIET)
     assert not (tmp_path / "run").exists()  # refused before anything was written

@@ -65,6 +65,8 @@ def evaluate(
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda (run directories).")] = "auto",
     include_background: Annotated[bool, typer.Option("--include-background", help="Also score class 0 (bundles).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --json file.")] = False,
+    modalities: Annotated[Optional[str], typer.Option(
+        "--modalities", help="HeMIS runs: score with only these modalities present, e.g. mod0,mod2.")] = None,
 ) -> None:
     """Per-case and mean metrics on a data split: of a trained model, or of a bundle through the device runtime."""
     from edgeseg.atomic import write_json
@@ -78,13 +80,16 @@ def evaluate(
     if is_bundle_path(run_dir):
         from edgeseg.runtime.evaluate_bundle import evaluate_bundle
 
+        if modalities is not None:
+            raise UserError("--modalities applies to HeMIS run directories; bundles cannot carry HeMIS models yet")
         if data is None:
             raise UserError("evaluating a bundle needs --data DATASET_FOLDER")
         result = evaluate_bundle(run_dir, data, split, include_background=include_background)
     else:
         from edgeseg.train.experiment import evaluate_run
 
-        result = evaluate_run(run_dir, data=data, split=split, console=console, device=device)
+        chosen = None if modalities is None else [m.strip() for m in modalities.split(",") if m.strip()]
+        result = evaluate_run(run_dir, data=data, split=split, console=console, device=device, modalities=chosen)
     console.print(metrics_table(result["summary"], title=f"{run_dir} — {split} ({len(result['cases'])} cases)"))
     if json_out is not None:
         write_json(json_out, result)

@@ -216,3 +216,10 @@ def test_shipped_configs_train_through_the_cli(tmp_path, config):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "done" in result.output and RunDir(tmp_path / "run").best.is_file()
+    if config.startswith("hemis"):  # evaluate on one modality through the CLI flag
+        out = tmp_path / "m.json"
+        result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "run"), "--split", "train", "--device", "cpu",
+                                          "--modalities", "mod1", "--json", str(out)])
+        assert result.exit_code == 0, result.output
+        scored = json.loads(out.read_text())
+        assert scored["modalities"] == ["mod1"] and set(scored["cases"]).isdisjoint(scored["skipped_cases"])

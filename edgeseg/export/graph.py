@@ -160,3 +160,20 @@ def drop_initializer_inputs(model: onnx.ModelProto) -> int:
         del model.graph.input[:]
         model.graph.input.extend(keep)
     return dropped
+
+
+def int32_bias(model: onnx.ModelProto, conv: onnx.NodeProto,
+               producer_of: dict[str, onnx.NodeProto] | None = None) -> onnx.TensorProto | None:
+    """The int32 tensor (initializer or Constant attribute, mutable in place) behind a Conv/ConvTranspose
+    bias DequantizeLinear, or None (float or absent bias)."""
+    producer_of = producers(model) if producer_of is None else producer_of
+    if len(conv.input) < 3 or conv.input[2] not in producer_of:
+        return None
+    dq = producer_of[conv.input[2]]
+    if dq.op_type != "DequantizeLinear":
+        return None
+    source = next((t for t in model.graph.initializer if t.name == dq.input[0]), None)
+    node = producer_of.get(dq.input[0])
+    if source is None and node is not None and node.op_type == "Constant" and node.attribute:
+        source = node.attribute[0].t
+    return source if source is not None and source.data_type == onnx.TensorProto.INT32 else None

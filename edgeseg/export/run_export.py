@@ -9,9 +9,12 @@ Forms written (docs/bundle.md):
   runnable in both ONNX Runtime and TensorRT).
 
 Every export is gated by measurements, printed at the end: float parity against PyTorch
-(max |delta logit| <= 1e-4), QCDQ against brevitas in ONNX Runtime (within one output
-quantization step), the TensorRT form exactly equal to the QCDQ graph in ONNX Runtime and
-clean under `trt_rules`, and the written bundle re-loaded and re-run bit-identically.
+(max |delta logit| <= 1e-4); for quantized runs, per-layer integer parity of the QCDQ graph
+against brevitas (every quantized activation within 1 LSB when both sides are fed the same
+integer inputs, `layer_parity`; the end-to-end QCDQ-vs-brevitas numbers are reported, not gated,
+since one-LSB float-rounding flips propagate); the TensorRT form exactly equal to the QCDQ graph
+in ONNX Runtime and clean under `trt_rules`; and the written bundle re-loaded and re-run
+bit-identically.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from edgeseg.errors import UserError
 from edgeseg.export import graph as g
 from edgeseg.export.bundle_writer import write_bundle
 from edgeseg.export.cpu_form import conv_kernel_summary, cpu_form, optimized_op_counts
+from edgeseg.export.layer_parity import layer_parity
 from edgeseg.export.mc import random_masks, with_mask_inputs
 from edgeseg.export.packing import WEIGHTS_FILE, PackResult, externalize, pack_int4_weights, weight_bit_widths
 from edgeseg.export.parity import Difference, difference, ort_run, output_step
@@ -40,15 +44,9 @@ from edgeseg.export.trt_rules import check_trt_onnx
 from edgeseg.runtime.bundle import Manifest, McSite, ModelForm, load_bundle
 
 FLOAT_TOLERANCE = 1e-4  # max |delta logit| between ONNX Runtime and PyTorch, float32
-QUANT_STEP_TOLERANCE = 1.0  # output quantization steps between the QCDQ graph and brevitas
-LABEL_AGREEMENT_TOLERANCE = 0.995  # ... or labels this similar (see _within)
+QUANT_STEP_TOLERANCE = 1.0  # output quantization steps between a quantized graph and brevitas, end to end
+LABEL_AGREEMENT_TOLERANCE = 0.995  # ... or labels this similar (see _within; the MC form's gate)
 LOGIT_RANGE_TOLERANCE = 0.02  # ... with logits within this fraction of their range
-# ... or, where brevitas itself moves by many output steps between float32 and float64 (near-tie
-# roundings), a QCDQ graph no further from the closer of the two than this multiple of that spread:
-# "the same order of magnitude". Set after measuring the trained hippocampus 4/6 U-Net, whose QCDQ
-# graph was 1.2x (unit-variance input) and 2.5x (3x-amplitude input) brevitas' own spread with 100%
-# equal labels. A per-layer integer comparison would be the exact check (not built yet).
-ROUNDING_ENVELOPE = 4.0
 TARGETS = ("onnx", "tensorrt")
 FORM_FILES = {"float": "model.onnx", "cpu_int8": "model_cpu.onnx", "trt": "model_trt.onnx", "mc": "model_mc.onnx"}
 
@@ -193,24 +191,11 @@ def _float64_reference(model: nn.Module, inputs: list[torch.Tensor]) -> list[np.
         return None
 
 
-def _within_rounding(to32: Difference, to64: Difference, spread: Difference) -> bool:
-    """The QCDQ output is as close to brevitas as brevitas-fp32 is to brevitas-fp64, and labels agree.
-
-    Measured on the trained hippocampus 4/6 U-Net: brevitas' own fp32-vs-fp64 outputs differ by 765 and
-    210 output steps on the export's two inputs (near-tie requantizations rounding differently), and
-    ONNX Runtime's QCDQ graph is 804-926 and 516 steps from the closer of them, labels 100% equal.
-    """
-    if to32.max_steps is None or to64.max_steps is None or spread.max_steps is None:
-        return False
-    closest = min(to32.max_steps, to64.max_steps)
-    return (closest <= max(QUANT_STEP_TOLERANCE, ROUNDING_ENVELOPE * spread.max_steps)
-            and min(to32.label_agreement, to64.label_agreement) >= LABEL_AGREEMENT_TOLERANCE)
-
-
 def _within(d: Difference, *, labels_fallback: bool = True) -> bool:
-    """Quantized parity gate: one output step where the step is known, else the float tolerance; or,
-    failing that, the same labels on >= LABEL_AGREEMENT_TOLERANCE of the voxels with logits within
-    LOGIT_RANGE_TOLERANCE of their range.
+    """End-to-end quantized closeness: one output step where the step is known, else the float tolerance;
+    or, failing that, the same labels on >= LABEL_AGREEMENT_TOLERANCE of the voxels with logits within
+    LOGIT_RANGE_TOLERANCE of their range. The MC form's gate; with labels_fallback=False, the
+    `within_one_step` figure reported for QCDQ vs brevitas (whose gate is per layer, `layer_parity`).
 
     Why the second criterion: ONNX Runtime and PyTorch sum a convolution's float products in different
     orders, so a pre-activation lying almost exactly between two quantization levels can round to
@@ -250,33 +235,27 @@ def _quant_forms(model: nn.Module, inputs: list[torch.Tensor], reference: list[n
     """
     qcdq = export_qcdq(model, (inputs[0],), spatial_dims)
     g.check(qcdq)
+    per_layer = layer_parity(qcdq, model, inputs)
+    acc.parity["qcdq_per_layer"] = per_layer.to_dict()
+    acc.summary.append(per_layer.summary())
+    _gate(per_layer.ok, f"quantized export parity failed: {per_layer.failure()}")
+
+    # End to end: reported, not gated (a correct graph may differ by many output steps, see _within).
     step = output_step(qcdq)
     qcdq_out = [ort_run(qcdq, {INPUT_NAME: x.numpy()}, optimize=False) for x in inputs]
     worst = max((difference(o, r, step) for o, r in zip(qcdq_out, reference)), key=lambda d: d.max_abs)
-    acc.parity["qcdq_vs_brevitas"] = {**worst.to_dict(), "tolerance_steps": QUANT_STEP_TOLERANCE,
-                                      "ort_optimization": "disabled (reference Q/DQ semantics)"}
-    acc.summary.append(f"QCDQ ONNX vs brevitas (ONNX Runtime): {_fmt(worst)}")
-    exact = _float64_reference(model, inputs)
-    accepted = _within(worst)
-    if exact is not None:
-        to64 = [difference(o, r, step) for o, r in zip(qcdq_out, exact)]
-        spreads = [difference(e, r, step) for e, r in zip(exact, reference)]  # brevitas fp64 vs its own fp32
-        worst64 = max(to64, key=lambda d: d.max_abs)
-        spread = max(spreads, key=lambda d: d.max_abs)
-        acc.parity["qcdq_vs_brevitas_float64"] = {**worst64.to_dict(), "tolerance_steps": QUANT_STEP_TOLERANCE}
+    acc.parity["qcdq_vs_brevitas"] = {**worst.to_dict(), "within_one_step": _within(worst, labels_fallback=False),
+                                      "gated": False, "ort_optimization": "disabled (reference Q/DQ semantics)"}
+    acc.summary.append(f"QCDQ ONNX vs brevitas end to end (reported): {_fmt(worst)}")
+    float64 = _float64_reference(model, inputs)
+    if float64 is not None:
+        worst64 = max((difference(o, r, step) for o, r in zip(qcdq_out, float64)), key=lambda d: d.max_abs)
+        spread = max((difference(e, r, step) for e, r in zip(float64, reference)), key=lambda d: d.max_abs)
+        acc.parity["qcdq_vs_brevitas_float64"] = {**worst64.to_dict(),
+                                                  "within_one_step": _within(worst64, labels_fallback=False)}
         acc.parity["brevitas_float32_vs_float64"] = spread.to_dict()
-        acc.summary.append(f"QCDQ ONNX vs brevitas in float64 (exact sums): {_fmt(worst64)}")
+        acc.summary.append(f"QCDQ ONNX vs brevitas in float64 (exact sums, reported): {_fmt(worst64)}")
         acc.summary.append(f"brevitas float32 vs float64 (its own rounding spread): {_fmt(spread)}")
-        if _within(worst64, labels_fallback=False):
-            accepted = True  # within one step of the exact quantized semantics: brevitas-fp32 rounded differently
-        elif not accepted and all(_within_rounding(d32, d64, sp) for d32, d64, sp in
-                                  zip((difference(o, r, step) for o, r in zip(qcdq_out, reference)), to64, spreads)):
-            accepted = True
-            acc.parity["qcdq_vs_brevitas"]["accepted_by"] = (
-                f"rounding envelope: no further from brevitas than {ROUNDING_ENVELOPE}x brevitas' own "
-                f"float32-vs-float64 spread, labels >= {LABEL_AGREEMENT_TOLERANCE:.1%} equal")
-            acc.summary.append(f"  accepted: {acc.parity['qcdq_vs_brevitas']['accepted_by']}")
-    _gate(accepted, f"quantized export parity failed: {_fmt(worst)}")
 
     cpu = cpu_form(qcdq)
     g.check(cpu)

@@ -15,11 +15,12 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 from torch import nn
 
-from edgeseg.export.graph import drop_initializer_inputs
+from edgeseg.export import graph as g
 from edgeseg.runtime.bundle import McSite
 
 EXPORT_OPSET = 17
@@ -50,7 +51,7 @@ def export_float(model: nn.Module, args: tuple[torch.Tensor, ...], spatial_dims:
                           input_names=io_names(mc_sites), output_names=[OUTPUT_NAME],
                           dynamic_axes=dynamic_axes(spatial_dims, mc_sites))
         model = onnx.load(str(path))
-    drop_initializer_inputs(model)
+    g.drop_initializer_inputs(model)
     return model
 
 
@@ -65,9 +66,56 @@ def export_qcdq(model: nn.Module, args: tuple[torch.Tensor, ...], spatial_dims: 
         export_onnx_qcdq(model, args=args, export_path=str(path), dynamo=False, opset_version=EXPORT_OPSET,
                          input_names=io_names(mc_sites), output_names=[OUTPUT_NAME],
                          dynamic_axes=dynamic_axes(spatial_dims, mc_sites))
-        model = onnx.load(str(path))
-    drop_initializer_inputs(model)  # brevitas lists the weights of float-kept convs as graph inputs
-    return model
+        exported = onnx.load(str(path))
+    g.drop_initializer_inputs(exported)  # brevitas lists the weights of float-kept convs as graph inputs
+    repair_wrapped_biases(exported, model, args)
+    return exported
+
+
+INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
+
+
+def repair_wrapped_biases(exported: onnx.ModelProto, model: nn.Module, args: tuple[torch.Tensor, ...]) -> int:
+    """Undo brevitas' int32 wrap-around of positively saturated biases, in place; returns how many entries.
+
+    brevitas' Int32Bias saturates round(bias / (s_in * s_w)) at 2^31 - 1, computed in float32 where
+    that is 2^31, and its QCDQ exporter casts it to int32: -2^31, a bias with the wrong sign (seen
+    when an input activation scale collapses to brevitas' minimum, e.g. a dead ReLU). Entries equal
+    to -2^31 whose float bias is positive become 2^31 - 1, which ONNX Runtime dequantizes to the
+    same float32 value brevitas computes with. Convs are paired with the graph's Conv/ConvTranspose
+    nodes in call order (one forward with hooks, only when a -2^31 entry exists); nothing changes
+    when the pairing does not line up (the per-layer parity check then names the layer).
+    """
+    producers = g.producers(exported)
+    convs = [n for n in exported.graph.node if n.op_type in ("Conv", "ConvTranspose")]
+    suspect = [(i, t) for i, n in enumerate(convs) if (t := g.int32_bias(exported, n, producers)) is not None
+               and np.any(onnx.numpy_helper.to_array(t) == INT32_MIN)]
+    if not suspect:
+        return 0
+    called: list[nn.modules.conv._ConvNd] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, _: called.append(mod)) for m in model.modules()
+             if isinstance(m, nn.modules.conv._ConvNd)]
+    try:
+        with torch.no_grad():
+            model(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+    if len(called) != len(convs):
+        return 0
+    fixed = 0
+    for index, tensor in suspect:
+        bias = called[index].bias
+        values = onnx.numpy_helper.to_array(tensor)
+        if bias is None or bias.numel() != values.size:
+            continue
+        flat = values.reshape(-1).copy()
+        wrapped = (flat == INT32_MIN) & (bias.detach().reshape(-1).numpy() > 0)
+        if wrapped.any():
+            flat[wrapped] = INT32_MAX
+            tensor.CopyFrom(onnx.numpy_helper.from_array(flat.reshape(values.shape), tensor.name))
+            fixed += int(wrapped.sum())
+    return fixed
 
 
 def is_brevitas_model(model: nn.Module) -> bool:

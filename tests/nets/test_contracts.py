@@ -190,8 +190,8 @@ QUANT_EXPORT = [n for n in MODELS if model_capabilities(n).quantizable and model
                 and n != "unet"]
 # countception: with float scales the float32 evaluations (brevitas, and ONNX Runtime's Q/DQ reference)
 # round a few 6-bit activations of its 20x20 convs (sums of 22,400 terms) to the neighbouring level;
-# brevitas-fp32 and brevitas-fp64 disagree as much, and the export gate's rounding envelope (see
-# edgeseg/export/run_export.py ROUNDING_ENVELOPE) accepts it. With power-of-two scales the graph is
+# brevitas-fp32 and brevitas-fp64 disagree as much end to end; the export gate compares layer by layer
+# (edgeseg/export/layer_parity.py), each layer fed brevitas' own codes. With power-of-two scales the graph is
 # bit-exact (tests/nets/test_countception.py).
 
 

@@ -66,7 +66,7 @@ def evaluate(
     include_background: Annotated[bool, typer.Option("--include-background", help="Also score class 0 (bundles).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --json file.")] = False,
     modalities: Annotated[Optional[str], typer.Option(
-        "--modalities", help="HeMIS runs: score with only these modalities present, e.g. mod0,mod2.")] = None,
+        "--modalities", help="HeMIS runs and bundles: score with only these modalities present, e.g. mod0,mod2.")] = None,
 ) -> None:
     """Per-case and mean metrics on a data split: of a trained model, or of a bundle through the device runtime."""
     from edgeseg.atomic import write_json
@@ -78,13 +78,13 @@ def evaluate(
     if json_out is not None:
         check_output_file(json_out, inputs=[run_dir], overwrite=overwrite, flag="--json")
     if is_bundle_path(run_dir):
+        from edgeseg.cli.segment_cmd import parse_names
         from edgeseg.runtime.evaluate_bundle import evaluate_bundle
 
-        if modalities is not None:
-            raise UserError("--modalities applies to HeMIS run directories; bundles cannot carry HeMIS models yet")
         if data is None:
             raise UserError("evaluating a bundle needs --data DATASET_FOLDER")
-        result = evaluate_bundle(run_dir, data, split, include_background=include_background)
+        result = evaluate_bundle(run_dir, data, split, include_background=include_background,
+                                 modalities=parse_names(modalities, "--modalities"))
     else:
         from edgeseg.train.experiment import evaluate_run
 

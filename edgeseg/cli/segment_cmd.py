@@ -37,6 +37,16 @@ def parse_axes(text: str | None) -> list[int] | None:
     return axes
 
 
+def parse_names(text: str | None, flag: str) -> list[str] | None:
+    """`t1,flair` -> ["t1", "flair"]; None stays None."""
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise UserError(f"{flag} needs at least one name")
+    return names
+
+
 def segment(
     bundle: Annotated[Path, typer.Argument(help="A bundle directory or .zip from `edgeseg export` / `edgeseg bundle`.")],
     inputs: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns (quote globs).")],
@@ -56,14 +66,23 @@ def segment(
     threads: Annotated[int | None, typer.Option("--threads", help="ONNX Runtime CPU threads per worker (default: cores / workers).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the Monte Carlo dropout masks.")] = 0,
     workers: Annotated[int, typer.Option("--workers", "-j", help="Worker processes segmenting volumes in parallel (one GPU each, round-robin, where GPUs are visible).")] = 1,
+    metadata: Annotated[str | None, typer.Option("--metadata", help="FiLM bundles: metadata values for every input, e.g. contrast=1,gain=0.9 (default: each case's JSON sidecar <case>.json beside its image).")] = None,
+    metadata_table: Annotated[Path | None, typer.Option("--metadata-table", help="FiLM bundles: a CSV/TSV with one row per case (a 'case' column, or the bundle's case column) instead of sidecars.")] = None,
+    modalities: Annotated[str | None, typer.Option("--modalities", help="HeMIS bundles: use only these modalities, e.g. t1,flair (the others count as missing); a file without the _0000 channel suffix holds them, in this order.")] = None,
 ) -> None:
     """Segment images with a bundle, on the device: tiled inference, optional TTA / MC-dropout uncertainty.
 
     Keeps going past a failed case, skips cases whose outputs exist (--overwrite redoes them), writes
     OUT/segment_summary.json and exits with code 1 when any case failed.
+
+    Bundles with extra model inputs (docs/bundle.md): a FiLM bundle reads each case's metadata from
+    --metadata, --metadata-table or the JSON sidecar beside its image, normalised as in training; a HeMIS
+    bundle takes any subset of its modalities: channel files <case>_0000 ... may be missing, and
+    --modalities chooses which count as present.
     """
     from edgeseg.cli.export_cmd import parse_tile
     from edgeseg.runtime.batch import SUMMARY_FILE, segment_batch
+    from edgeseg.runtime.case_inputs import parse_metadata_values
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, transient=True, disable=not console.is_terminal)
@@ -110,7 +129,9 @@ def segment(
                                overwrite=overwrite, on_start=on_start, on_outcome=on_outcome, on_batch=on_batch,
                                tta=tta, tta_axes=parse_axes(tta_axes), mc_passes=mc, uncertainty=uncertainty,
                                probabilities=probabilities, overlap=overlap, batch_size=batch_size, blend=blend,
-                               tile=tile_list, iou_threshold=iou_threshold, seed=seed)
+                               tile=tile_list, iou_threshold=iou_threshold, seed=seed,
+                               metadata=parse_metadata_values(metadata), metadata_table=metadata_table,
+                               modalities=parse_names(modalities, "--modalities"))
     console.print(summary_table(report))
     for failed in report.failed:
         console.print(f"[red]failed[/red] {failed.case}: {failed.reason}", highlight=False, soft_wrap=True)

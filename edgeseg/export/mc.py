@@ -49,30 +49,34 @@ class MaskedDropout(nn.Module):
 
 
 class MaskInputs(nn.Module):
-    """Wraps a model so that forward(image, *masks) feeds one mask to each MaskedDropout."""
+    """Wraps a model so that forward(image, *extra, *masks) feeds the model's `num_extra` extra inputs
+    (FiLM metadata, HeMIS modality mask) to the model and one mask to each MaskedDropout."""
 
-    def __init__(self, model: nn.Module, sites: list[MaskedDropout]):
+    def __init__(self, model: nn.Module, sites: list[MaskedDropout], num_extra: int = 0):
         super().__init__()
         self.model = model
         self.sites = sites
+        self.num_extra = num_extra
 
-    def forward(self, image, *masks):
+    def forward(self, image, *inputs):
+        extra, masks = inputs[:self.num_extra], inputs[self.num_extra:]
         if len(masks) != len(self.sites):
             raise ValueError(f"expected {len(self.sites)} masks, got {len(masks)}")
         for site, mask in zip(self.sites, masks):
             site.mask = mask
         try:
-            return self.model(image)
+            return self.model(image, *extra)
         finally:
             for site in self.sites:
                 site.mask = None
 
 
-def with_mask_inputs(model: nn.Module, example: torch.Tensor) -> tuple[MaskInputs, list[McSite]] | None:
+def with_mask_inputs(model: nn.Module, example: torch.Tensor,
+                     extra: tuple[torch.Tensor, ...] = ()) -> tuple[MaskInputs, list[McSite]] | None:
     """A copy of `model` whose McDropout layers take masks as inputs, and the sites' descriptions.
 
     Returns None when the model has no active (p > 0) McDropout. The channel count of each site
-    is read from one forward pass on `example` (Shape: (N, C, *S)).
+    is read from one forward pass on `example` (Shape: (N, C, *S)) and the model's `extra` inputs.
     """
     twin = copy.deepcopy(model).eval()
     sites: list[MaskedDropout] = []
@@ -88,13 +92,13 @@ def with_mask_inputs(model: nn.Module, example: torch.Tensor) -> tuple[MaskInput
     hooks = [s.register_forward_pre_hook(lambda m, args, i=i: channels.__setitem__(i, int(args[0].shape[1])))
              for i, s in enumerate(sites)]
     with torch.no_grad():
-        twin(example)
+        twin(example, *extra)
     for hook in hooks:
         hook.remove()
     if len(channels) != len(sites):
         raise RuntimeError("some MC dropout layers were not reached by a forward pass")
     described = [McSite(input=f"{MASK_PREFIX}{i}", channels=channels[i], p=float(s.p)) for i, s in enumerate(sites)]
-    return MaskInputs(twin, sites).eval(), described
+    return MaskInputs(twin, sites, len(extra)).eval(), described
 
 
 def random_masks(sites: list[McSite], batch: int, spatial_dims: int, generator: torch.Generator) -> list[torch.Tensor]:

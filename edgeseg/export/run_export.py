@@ -2,7 +2,9 @@
 
 Forms written (docs/bundle.md):
 
-- float run: `float` (model.onnx) and, with MC dropout, `mc` (model_mc.onnx, mask inputs);
+- float run: `float` (model.onnx) and, with MC dropout, `mc` (model_mc.onnx, mask inputs); a model
+  with extra inputs (FiLM metadata, HeMIS modality mask; `extra_inputs`) takes them as graph inputs
+  in every form (float runs only: such models are not quantizable);
 - quantized run (brevitas): `cpu_int8` (model_cpu.onnx: QCDQ with weight Clips folded, runs
   QLinearConv in ONNX Runtime), `trt` (model_trt.onnx: symmetric int8 Q/DQ for TensorRT's
   parser), and with MC dropout `mc` (model_mc.onnx: the TensorRT-style graph with mask inputs,
@@ -34,6 +36,7 @@ from edgeseg.errors import UserError
 from edgeseg.export import graph as g
 from edgeseg.export.bundle_writer import write_bundle
 from edgeseg.export.cpu_form import conv_kernel_summary, cpu_form, optimized_op_counts
+from edgeseg.export.extra_inputs import example_inputs, liveness, manifest_specs, model_extra_inputs
 from edgeseg.export.layer_parity import layer_parity
 from edgeseg.export.mc import random_masks, with_mask_inputs
 from edgeseg.export.packing import WEIGHTS_FILE, PackResult, externalize, pack_int4_weights, weight_bit_widths
@@ -41,7 +44,14 @@ from edgeseg.export.parity import Difference, difference, ort_run, output_step
 from edgeseg.export.torch_export import INPUT_NAME, OUTPUT_NAME, export_float, export_qcdq, is_brevitas_model
 from edgeseg.export.trt_form import trt_form
 from edgeseg.export.trt_rules import check_trt_onnx
-from edgeseg.runtime.bundle import Manifest, McSite, ModelForm, load_bundle
+from edgeseg.runtime.bundle import (
+    BASE_SCHEMA_VERSION,
+    EXTRA_INPUTS_SCHEMA_VERSION,
+    Manifest,
+    McSite,
+    ModelForm,
+    load_bundle,
+)
 
 FLOAT_TOLERANCE = 1e-4  # max |delta logit| between ONNX Runtime and PyTorch, float32
 QUANT_STEP_TOLERANCE = 1.0  # output quantization steps between a quantized graph and brevitas, end to end
@@ -66,6 +76,8 @@ class BundleInfo:
     bits: str = "fp32"
     source: dict[str, Any] = field(default_factory=dict)
     output_kind: str = "logits"  # "normalized_relu" for SoftSeg runs, "sigmoid_multilabel" for INERRANT runs
+    metadata: dict[str, Any] | None = None  # FiLM: RunInfo.metadata (fields, method, mean, std) [+ table, case_column]
+    modalities: list[str] | None = None  # HeMIS: RunInfo.modalities (one name per image channel)
 
 
 @dataclass
@@ -142,18 +154,34 @@ def _weight_sizes(model: onnx.ModelProto, bit_widths: dict[str, int]) -> dict[st
             "deployed_bytes": deployed}
 
 
-def _feeds(x: torch.Tensor, masks: list[torch.Tensor] | None, sites: list[McSite] | None) -> dict[str, np.ndarray]:
-    feeds = {INPUT_NAME: x.numpy()}
+@dataclass(frozen=True)
+class _Example:
+    """One example input of the export checks: the image and the model's extra inputs (forward order)."""
+
+    image: torch.Tensor
+    extra: tuple[torch.Tensor, ...] = ()
+
+    def args(self) -> tuple[torch.Tensor, ...]:
+        return (self.image, *self.extra)
+
+    def feeds(self, names: Sequence[str]) -> dict[str, np.ndarray]:
+        return {INPUT_NAME: self.image.numpy(), **{n: t.numpy() for n, t in zip(names, self.extra)}}
+
+
+def _feeds(base: dict[str, np.ndarray], masks: list[torch.Tensor] | None,
+           sites: list[McSite] | None) -> dict[str, np.ndarray]:
+    feeds = dict(base)
     for site, mask in zip(sites or [], masks or []):
         feeds[site.input] = mask.numpy()
     return feeds
 
 
-def _mc_differs(model: onnx.ModelProto, x: torch.Tensor, sites: list[McSite], spatial_dims: int,
+def _mc_differs(model: onnx.ModelProto, base: dict[str, np.ndarray], sites: list[McSite], spatial_dims: int,
                 generator: torch.Generator) -> float:
     """max |delta| between two ONNX Runtime passes with different random masks (must be > 0)."""
-    a = ort_run(model, _feeds(x, random_masks(sites, x.shape[0], spatial_dims, generator), sites))
-    b = ort_run(model, _feeds(x, random_masks(sites, x.shape[0], spatial_dims, generator), sites))
+    batch = len(base[INPUT_NAME])
+    a = ort_run(model, _feeds(base, random_masks(sites, batch, spatial_dims, generator), sites))
+    b = ort_run(model, _feeds(base, random_masks(sites, batch, spatial_dims, generator), sites))
     return float(np.abs(a - b).max())
 
 
@@ -213,16 +241,25 @@ def _within(d: Difference, *, labels_fallback: bool = True) -> bool:
             and d.max_abs <= LOGIT_RANGE_TOLERANCE * max(d.logit_range, 1e-12))
 
 
-def _float_forms(model: nn.Module, inputs: list[torch.Tensor], reference: list[np.ndarray], spatial_dims: int,
-                 acc: _Forms) -> onnx.ModelProto:
-    main = export_float(model, (inputs[0],), spatial_dims)
+def _float_forms(model: nn.Module, examples: list[_Example], reference: list[np.ndarray], spatial_dims: int,
+                 extra_names: tuple[str, ...], acc: _Forms) -> onnx.ModelProto:
+    main = export_float(model, examples[0].args(), spatial_dims, extra_inputs=extra_names)
     g.check(main)
-    worst = max((difference(ort_run(main, {INPUT_NAME: x.numpy()}), r) for x, r in zip(inputs, reference)),
+    worst = max((difference(ort_run(main, e.feeds(extra_names)), r) for e, r in zip(examples, reference)),
                 key=lambda d: d.max_abs)
-    acc.parity["float_vs_pytorch"] = {**worst.to_dict(), "tolerance": FLOAT_TOLERANCE, "inputs": len(inputs)}
-    acc.summary.append(f"float ONNX vs PyTorch: max |delta logit| {worst.max_abs:.2e} (tolerance {FLOAT_TOLERANCE:g})")
+    acc.parity["float_vs_pytorch"] = {**worst.to_dict(), "tolerance": FLOAT_TOLERANCE, "inputs": len(examples)}
+    with_extra = f" (with {' and '.join(extra_names)} inputs)" if extra_names else ""
+    acc.summary.append(f"float ONNX vs PyTorch{with_extra}: max |delta logit| {worst.max_abs:.2e} "
+                       f"(tolerance {FLOAT_TOLERANCE:g})")
     _gate(worst.max_abs <= FLOAT_TOLERANCE, f"float export parity failed: max |delta logit| "
                                             f"{worst.max_abs:.3e} > {FLOAT_TOLERANCE:g}")
+    if extra_names:
+        moved = liveness(lambda feeds: ort_run(main, feeds), examples[0].feeds(extra_names), extra_names)
+        acc.parity["extra_inputs"] = {name: {"output_change_max_abs": v} for name, v in moved.items()}
+        acc.summary.append("extra inputs: " + "; ".join(f"changing {n} moves the logits by up to {v:.3g}"
+                                                         for n, v in moved.items()))
+        inert = [n for n, v in moved.items() if not v > 0.0]
+        _gate(not inert, f"the exported graph ignores its {' and '.join(inert)} input (traced into a constant?)")
     acc.add("float", main, "any", "fp32")
     return main
 
@@ -272,14 +309,17 @@ def _quant_forms(model: nn.Module, inputs: list[torch.Tensor], reference: list[n
     return cpu, weight_bit_widths(qcdq), trt_ok
 
 
-def _mc_form(wrapper: nn.Module, sites: list[McSite], x: torch.Tensor, spatial_dims: int, quantized: bool,
-             trt_ok: bool, generator: torch.Generator, acc: _Forms) -> dict[str, np.ndarray]:
+def _mc_form(wrapper: nn.Module, sites: list[McSite], example: _Example, extra_names: tuple[str, ...],
+             spatial_dims: int, quantized: bool, trt_ok: bool, generator: torch.Generator,
+             acc: _Forms) -> dict[str, np.ndarray]:
     """The MC dropout form (masks as inputs), checked against the model with the same masks; returns its feeds."""
+    x = example.image
     masks = random_masks(sites, 1, spatial_dims, generator)
     with torch.no_grad():
-        ref = wrapper(x, *masks)
+        ref = wrapper(*example.args(), *masks)
     ref = (ref.value if hasattr(ref, "value") else ref).numpy()
-    feeds = _feeds(x, masks, sites)
+    base = example.feeds(extra_names)
+    feeds = _feeds(base, masks, sites)
     if quantized:
         mc_qcdq = export_qcdq(wrapper, (x, *masks), spatial_dims, sites)
         # TensorRT-style int8 graph (runs in ONNX Runtime too); the CPU form when TensorRT cannot take the model
@@ -290,13 +330,13 @@ def _mc_form(wrapper: nn.Module, sites: list[McSite], x: torch.Tensor, spatial_d
         ok = _within(diff)
         acc.add("mc", mc_model, "any" if trt_ok else "onnxruntime", "int8")
     else:
-        mc_model = export_float(wrapper, (x, *masks), spatial_dims, sites)
+        mc_model = export_float(wrapper, (*example.args(), *masks), spatial_dims, sites, extra_names)
         diff = difference(ort_run(mc_model, feeds), ref)
         ok = diff.max_abs <= FLOAT_TOLERANCE
         acc.add("mc", mc_model, "any", "fp32")
     g.check(mc_model)
     _gate(ok, f"MC dropout export parity failed: {_fmt(diff)}")
-    spread = _mc_differs(mc_model, x, sites, spatial_dims, generator)
+    spread = _mc_differs(mc_model, base, sites, spatial_dims, generator)
     _gate(spread > 0.0, "MC dropout export is inert: two passes with different masks gave the same output")
     acc.parity["mc_vs_pytorch"] = {**diff.to_dict(), "two_pass_max_abs_difference": spread}
     acc.summary.append(f"MC dropout: {len(sites)} mask inputs; vs {'brevitas' if quantized else 'PyTorch'} with the "
@@ -313,27 +353,35 @@ def export_model(model: nn.Module, info: BundleInfo, *, seed: int = 0) -> Export
         raise UserError(f"--tile {tile} needs {info.spatial_dims} values")
     generator = torch.Generator().manual_seed(seed)
     shape = (1, info.in_channels, *tile)
+    quantized = is_brevitas_model(model)
+    extra_names = model_extra_inputs(model)
+    if extra_names and quantized:
+        raise UserError(f"quantized export of a model with extra inputs ({', '.join(extra_names)}) is not supported; "
+                        "export the float run")
+    meta_spec, modality_spec = manifest_specs(extra_names, model, info.metadata, info.modalities, info.in_channels)
     # a unit-variance input (z-scored images) and a large one that drives activations into their clip range
     inputs = [torch.randn(shape, generator=generator), 3.0 * torch.randn(shape, generator=generator)]
+    examples = [_Example(x, example_inputs(model, extra_names, 1, k, generator)) for k, x in enumerate(inputs)]
     with torch.no_grad():
-        outputs = [model(x) for x in inputs]
+        outputs = [model(*e.args()) for e in examples]
     reference = [(o.value if hasattr(o, "value") else o).numpy() for o in outputs]  # brevitas may return QuantTensor
-    quantized = is_brevitas_model(model)
     acc = _Forms()
     if quantized:
         weights_model, bit_widths, trt_ok = _quant_forms(model, inputs, reference, info.spatial_dims, acc)
     else:
-        weights_model, bit_widths, trt_ok = _float_forms(model, inputs, reference, info.spatial_dims, acc), {}, True
-    feeds = {name: {INPUT_NAME: inputs[0].numpy()} for name in acc.forms}
-    wrapped = with_mask_inputs(model, inputs[0])
+        weights_model = _float_forms(model, examples, reference, info.spatial_dims, extra_names, acc)
+        bit_widths, trt_ok = {}, True
+    feeds = {name: examples[0].feeds(extra_names) for name in acc.forms}
+    wrapped = with_mask_inputs(model, inputs[0], examples[0].extra)
     sites = wrapped[1] if wrapped else []
     if wrapped is not None:
-        feeds["mc"] = _mc_form(wrapped[0], sites, inputs[0], info.spatial_dims, quantized, trt_ok, generator, acc)
+        feeds["mc"] = _mc_form(wrapped[0], sites, examples[0], extra_names, info.spatial_dims, quantized, trt_ok,
+                               generator, acc)
     references = {name: ort_run(m, feeds[name], optimize=False) for name, m in acc.forms.items()}
 
     deployed = {name: _dtype_names(m) for name, m in acc.forms.items()}
     sizes = {"weights": _weight_sizes(weights_model, bit_widths)}
-    files, form_entries, packed_count = _pack_forms(acc.forms, acc.kinds, sites)
+    files, form_entries, packed_count = _pack_forms(acc.forms, acc.kinds, sites, extra_names)
     sizes["weights"]["at_rest_bytes"] = len(files[WEIGHTS_FILE])
     sizes["weights"]["int4_packed_tensors"] = packed_count
     at_rest = "int4" if packed_count else ("int8" if quantized else "float32")
@@ -345,6 +393,8 @@ def export_model(model: nn.Module, info: BundleInfo, *, seed: int = 0) -> Export
         bits={"nominal": info.bits, "weights_at_rest": at_rest, "deployed": deployed,
               "weight_bit_widths": sorted(set(bit_widths.values())) or [32]},
         mc_sites=list(sites), sizes=sizes, parity=acc.parity, source=dict(info.source), edgeseg_version=__version__,
+        metadata=meta_spec, modalities=modality_spec,
+        schema_version=EXTRA_INPUTS_SCHEMA_VERSION if extra_names else BASE_SCHEMA_VERSION,
     )
     w = sizes["weights"]
     acc.summary.append(f"weights: {w['parameters']:,} parameters; float32 {w['float32_bytes'] / 1e3:.1f} kB, nominal "
@@ -375,7 +425,7 @@ def _add_trt_form(qcdq: onnx.ModelProto, inputs: list[torch.Tensor], qcdq_out: l
 
 
 def _pack_forms(forms: dict[str, onnx.ModelProto], kinds: dict[str, tuple[str, str, dict[str, str]]],
-                sites: list[McSite]) -> tuple[dict[str, bytes], dict[str, ModelForm], int]:
+                sites: list[McSite], extra_names: Sequence[str] = ()) -> tuple[dict[str, bytes], dict[str, ModelForm], int]:
     """INT4-pack and externalize every form; returns the files, the manifest form entries, #packed weights."""
     at_rest: dict[str, onnx.ModelProto] = {}
     entries: dict[str, ModelForm] = {}
@@ -397,7 +447,7 @@ def _pack_forms(forms: dict[str, onnx.ModelProto], kinds: dict[str, tuple[str, s
         entries[name] = ModelForm(file=FORM_FILES[name], backend=backend, precision=precision, mc=mc,
                                   packed_int4=result.packed > 0, opset=result.opset, ir_version=result.ir_version,
                                   inputs=g.input_names(model), session_config=config)
-        expected = [INPUT_NAME] + ([s.input for s in sites] if mc else [])
+        expected = [INPUT_NAME, *extra_names] + ([s.input for s in sites] if mc else [])
         if entries[name].inputs != expected:
             raise RuntimeError(f"form {name} has inputs {entries[name].inputs}, expected {expected}")
         at_rest[name] = packed
@@ -438,6 +488,13 @@ def _load_run(run_dir: Path) -> tuple[nn.Module, BundleInfo]:
 
         model, _, info = load_run_model(run_dir)
     preprocess = dict(info.preprocess)
+    metadata = None
+    if info.metadata is not None:
+        metadata = dict(info.metadata)
+        meta_cfg = cfg.data.metadata
+        if meta_cfg is not None:  # a table under the data root (kept relative by training) serves `evaluate --data`
+            relative = meta_cfg.table is not None and not Path(meta_cfg.table).expanduser().is_absolute()
+            metadata.update(table=meta_cfg.table if relative else None, case_column=meta_cfg.case_column)
     training = {
         "patch_size": list(info.patch_size),
         "spacing": preprocess.get("target_spacing"),  # None: each volume's native spacing was kept
@@ -449,7 +506,7 @@ def _load_run(run_dir: Path) -> tuple[nn.Module, BundleInfo]:
         slice_axis=info.slice_axis if info.spatial_dims == 2 else None, training=training, bits=info.bits,
         source={"run_dir": str(Path(run_dir).resolve()), "parent_run": info.parent_run,
                 "trained_with": info.edgeseg_version},
-        output_kind=output_kind,
+        output_kind=output_kind, metadata=metadata, modalities=None if info.modalities is None else list(info.modalities),
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,27 +30,31 @@ OUTPUT_NAME = "logits"
 _SPATIAL = ("D", "H", "W")
 
 
-def io_names(mc_sites: list[McSite] | None) -> list[str]:
-    return [INPUT_NAME] + [s.input for s in mc_sites or []]
+def io_names(mc_sites: list[McSite] | None, extra_inputs: Sequence[str] = ()) -> list[str]:
+    """Graph input names in forward order: the image, the model's extra inputs (FiLM metadata, HeMIS
+    modality mask), the MC dropout masks."""
+    return [INPUT_NAME, *extra_inputs] + [s.input for s in mc_sites or []]
 
 
-def dynamic_axes(spatial_dims: int, mc_sites: list[McSite] | None) -> dict[str, dict[int, str]]:
+def dynamic_axes(spatial_dims: int, mc_sites: list[McSite] | None,
+                 extra_inputs: Sequence[str] = ()) -> dict[str, dict[int, str]]:
     spatial = {2 + i: name for i, name in enumerate(_SPATIAL[-spatial_dims:])}
     axes = {INPUT_NAME: {0: "N", **spatial}, OUTPUT_NAME: {0: "N", **spatial}}
-    for site in mc_sites or []:
-        axes[site.input] = {0: "N"}
+    for name in [*extra_inputs, *(site.input for site in mc_sites or [])]:
+        axes[name] = {0: "N"}  # one row (or mask) per tile of the batch
     return axes
 
 
 def export_float(model: nn.Module, args: tuple[torch.Tensor, ...], spatial_dims: int,
-                 mc_sites: list[McSite] | None = None) -> onnx.ModelProto:
-    """Float model (or its MaskInputs wrapper, with masks in `args`) -> ONNX model."""
+                 mc_sites: list[McSite] | None = None, extra_inputs: Sequence[str] = ()) -> onnx.ModelProto:
+    """Float model (or its MaskInputs wrapper) -> ONNX model. `args`: the image, then one example per name
+    in `extra_inputs` (the model's extra inputs, e.g. ("metadata",)), then the MC masks."""
     with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
         warnings.simplefilter("ignore")  # TorchScript-exporter deprecation and tracer warnings
         path = Path(tmp) / "float.onnx"
         torch.onnx.export(model, args, str(path), dynamo=False, opset_version=EXPORT_OPSET, do_constant_folding=True,
-                          input_names=io_names(mc_sites), output_names=[OUTPUT_NAME],
-                          dynamic_axes=dynamic_axes(spatial_dims, mc_sites))
+                          input_names=io_names(mc_sites, extra_inputs), output_names=[OUTPUT_NAME],
+                          dynamic_axes=dynamic_axes(spatial_dims, mc_sites, extra_inputs))
         model = onnx.load(str(path))
     g.drop_initializer_inputs(model)
     return model

@@ -66,16 +66,18 @@ class FiLMedUNet(UNetFamily):
 
     forward(x, metadata): metadata (B, metadata_dim) float, one row per case. `edgeseg train` and
     `edgeseg evaluate` feed it from `data.metadata` (JSON sidecars or a table, z-scored with the training
-    split's statistics recorded in run.json; `edgeseg.train.inputs`); the quantization, export and
-    runtime pipelines do not carry it yet, so the model is neither quantizable nor exportable.
+    split's statistics recorded in run.json; `edgeseg.train.inputs`). `edgeseg export` makes it a graph
+    input `metadata` (N, metadata_dim) and records the fields and their normalisation in the bundle, so
+    `edgeseg segment` feeds each case's raw values normalised as in training (docs/bundle.md). Quantization
+    does not carry it yet, so the model is exportable (float) but not quantizable.
 
     Shape: x (B, in_channels, *S) with every S divisible by 2**depth -> logits (B, out_channels, *S).
     """
 
     capabilities = Capabilities(
-        spatial_dims=(2, 3), quantizable=False, exportable=False, mc_dropout=True, extra_inputs=("metadata",),
-        notes="it needs a per-case metadata input, which the quantization, export and runtime pipelines do not "
-              "carry yet",
+        spatial_dims=(2, 3), quantizable=False, exportable=True, mc_dropout=True, extra_inputs=("metadata",),
+        notes="it needs a per-case metadata input, which the quantization pipeline does not carry yet (float "
+              "export and the runtime do)",
     )
     Options = FiLMOptions
 

@@ -58,15 +58,17 @@ class HeMISUNet(UNetFamily):
     (B, M) is 1 where a modality is present, 0 where it is missing (its channel is ignored).
     Training on random subsets (the paper's way to learn robustness) is the data pipeline's job:
     `data.modalities` in `edgeseg train` (missing files zero-filled and masked, present modalities
-    dropped at random with at least one kept; `edgeseg.train.sampling`). The quantization, export and
-    runtime pipelines do not carry the mask yet.
+    dropped at random with at least one kept; `edgeseg.train.sampling`). `edgeseg export` makes the mask a
+    graph input `modality_mask` (N, M) and records the modality names in the bundle; `edgeseg segment`
+    builds it from the modality files given (docs/bundle.md). Quantization does not carry the mask yet.
 
     Shape: x (B, M, *S) with every S divisible by 2**depth -> logits (B, out_channels, *S).
     """
 
     capabilities = Capabilities(
-        spatial_dims=(2, 3), quantizable=False, exportable=False, mc_dropout=True, extra_inputs=("modality_mask",),
-        notes="it needs a modality-mask input, which the quantization, export and runtime pipelines do not carry yet",
+        spatial_dims=(2, 3), quantizable=False, exportable=True, mc_dropout=True, extra_inputs=("modality_mask",),
+        notes="it needs a modality-mask input, which the quantization pipeline does not carry yet (float export "
+              "and the runtime do)",
     )
     Options = NoOptions
 

@@ -43,7 +43,7 @@ from edgeseg.runtime.pipeline import (
     OutputPaths,
     SegmentOptions,
     check_outputs,
-    collect_inputs,
+    collect_cases,
     plan_outputs,
     segment_case,
     segment_options,
@@ -251,7 +251,8 @@ def segment_batch(
 ) -> BatchReport:
     """Segment every input into `out_dir` with `workers` processes; see the module docstring.
 
-    `segment_kwargs` are `pipeline.segment_options`' (tta, tta_axes, mc_passes, uncertainty, ...).
+    `segment_kwargs` are `pipeline.segment_options`' (tta, tta_axes, mc_passes, uncertainty, ...; metadata,
+    metadata_table, modalities for bundles with extra model inputs).
     Options, inputs and the bundle are checked before any work (UserError). `on_start(description,
     cases to run, cases skipped)`, `on_outcome(outcome)` per case (skipped ones included) and
     `on_batch(done, total)` (tile batches; one worker only) report progress.
@@ -270,7 +271,7 @@ def segment_batch(
     bundle = load_bundle(bundle_path)
     manifest = bundle.manifest
     options = segment_options(manifest, **segment_kwargs)
-    cases = collect_inputs(inputs, manifest.in_channels)
+    cases = collect_cases(inputs, manifest, options)  # extra model inputs resolved: errors before any work
     plans = plan_outputs(cases, out_dir, options)
     check_outputs(cases, plans, overwrite=True)  # only refuses outputs that would replace an input
     skip = {c.name for c, p in zip(cases, plans) if not overwrite and is_complete(p)}

@@ -30,7 +30,9 @@ from edgeseg.errors import UserError
 from edgeseg.runtime.onnx_wire import WireError, inline_model
 
 FORMAT = "edgeseg-bundle"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the newest version this edgeseg reads (and writes, for bundles that need it)
+BASE_SCHEMA_VERSION = 1  # what bundles without extra model inputs are written as, so older edgeseg still reads them
+EXTRA_INPUTS_SCHEMA_VERSION = 2  # version 2 added `metadata` and `modalities` (extra graph inputs)
 MANIFEST = "manifest.json"
 ARCHIVE_SUFFIX = ".zip"
 BACKENDS = ("onnxruntime", "tensorrt", "any")
@@ -61,6 +63,41 @@ class McSite:
     input: str
     channels: int
     p: float
+
+
+@dataclass(frozen=True)
+class MetadataInput:
+    """FiLM's per-case metadata input (schema version 2): `input` (B, len(fields)) float32.
+
+    The runtime reads each case's raw values by field name (a JSON sidecar `<case stem>.json` beside the
+    image, a table, or `--metadata`) and feeds (raw - mean) / std per field, the normalisation training
+    fitted on its training split (`edgeseg.data.metadata.MetadataNormalization`; method "none": mean 0,
+    std 1). `table` / `case_column`: the run's metadata table when it lay under the data root (relative
+    path; what `edgeseg evaluate BUNDLE --data` reads), else None (sidecars).
+    """
+
+    input: str
+    fields: list[str]
+    method: str
+    mean: list[float]
+    std: list[float]
+    table: str | None = None
+    case_column: str = "case"
+
+    def normalization(self) -> Any:
+        """The training-time normalisation (edgeseg.data.metadata.MetadataNormalization, numpy only)."""
+        from edgeseg.data.metadata import MetadataNormalization
+
+        return MetadataNormalization(tuple(self.fields), self.method, tuple(self.mean), tuple(self.std))
+
+
+@dataclass(frozen=True)
+class ModalityInput:
+    """HeMIS's modality-mask input (schema version 2): `input` (B, len(names)) float32, 1 where the
+    modality (image channel `i` = names[i]) is present, 0 where it is missing (its channel zero-filled)."""
+
+    input: str
+    names: list[str]
 
 
 @dataclass(frozen=True)
@@ -112,7 +149,9 @@ class Manifest:
     sizes: dict[str, Any] = field(default_factory=dict)
     parity: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
-    schema_version: int = SCHEMA_VERSION
+    metadata: MetadataInput | None = None  # FiLM: per-case metadata input (schema version 2)
+    modalities: ModalityInput | None = None  # HeMIS: modality-mask input (schema version 2)
+    schema_version: int = BASE_SCHEMA_VERSION
     edgeseg_version: str = __version__
     format: str = FORMAT
 
@@ -120,11 +159,28 @@ class Manifest:
     def mc_available(self) -> bool:
         return bool(self.mc_sites) and any(f.mc for f in self.forms.values())
 
+    @property
+    def extra_inputs(self) -> list[str]:
+        """Graph inputs besides the image and the MC masks, in graph order: metadata, then the modality mask."""
+        return [spec.input for spec in (self.metadata, self.modalities) if spec is not None]
+
+    def extra_input_shapes(self, batch: int) -> dict[str, tuple[int, ...]]:
+        """Shape of each extra input for a batch of `batch` tiles (one row per tile, the case's values)."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        if self.metadata is not None:
+            shapes[self.metadata.input] = (batch, len(self.metadata.fields))
+        if self.modalities is not None:
+            shapes[self.modalities.input] = (batch, len(self.modalities.names))
+        return shapes
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         # Keep the identifying fields first for people reading the file.
         head = {k: data.pop(k) for k in ("format", "schema_version", "edgeseg_version")}
         data["mc_dropout"] = {"available": self.mc_available, "sites": data.pop("mc_sites")}
+        for key in ("metadata", "modalities"):  # schema version 1 bundles stay as they were
+            if data[key] is None:
+                del data[key]
         return {**head, **data}
 
     @classmethod
@@ -289,13 +345,21 @@ def _parse_manifest(data: Any, source: str) -> Manifest:
             raise UserError(f"{where}.channels must be >= 1")
         sites.append(McSite(input=_get(site, "input", str, where), channels=channels, p=float(p)))
     input_name = _get(data, "input_name", str, source, "image")
+    metadata = _parse_metadata(data, source, version)
+    modalities = _parse_modalities(data, source, version, in_channels)
+    extra = [spec.input for spec in (metadata, modalities) if spec is not None]
     site_names = [s.input for s in sites]
+    names = [input_name, *extra, *site_names]
+    if len(set(names)) != len(names):
+        raise UserError(f"{source}: graph input names {names} must be distinct (input_name, metadata.input, "
+                        "modalities.input, mc_dropout.sites)")
     for name, form in forms.items():
         if form.mc and not sites:
             raise UserError(f"{source}: forms.{name} takes MC dropout masks but mc_dropout.sites is empty")
-        expected = [input_name] + (site_names if form.mc else [])
+        expected = [input_name] + extra + (site_names if form.mc else [])
         if form.inputs != expected:
-            raise UserError(f"{source}: forms.{name}.inputs {form.inputs} do not match the model input "
+            what = "model input" + (f", extra inputs {extra}" if extra else "")
+            raise UserError(f"{source}: forms.{name}.inputs {form.inputs} do not match the {what} "
                             f"and MC mask inputs {expected}")
     preprocess = _get(data, "preprocess", dict, source)
     _check_preprocess(preprocess, source)
@@ -309,8 +373,66 @@ def _parse_manifest(data: Any, source: str) -> Manifest:
         training=dict(_get(data, "training", dict, source, {})), bits=dict(_get(data, "bits", dict, source, {})),
         mc_sites=sites, sizes=dict(_get(data, "sizes", dict, source, {})),
         parity=dict(_get(data, "parity", dict, source, {})), source=dict(_get(data, "source", dict, source, {})),
-        schema_version=version, edgeseg_version=_get(data, "edgeseg_version", str, source), format=FORMAT,
+        metadata=metadata, modalities=modalities, schema_version=version, edgeseg_version=_get(data, "edgeseg_version", str, source), format=FORMAT,
     )
+
+
+def _extra_section(data: Mapping[str, Any], key: str, source: str, version: int) -> dict[str, Any] | None:
+    """The manifest's `key` object (None when absent or null); extra inputs need schema version 2."""
+    section = _get(data, key, (dict, type(None)), source, None)
+    if section is not None and version < EXTRA_INPUTS_SCHEMA_VERSION:
+        raise UserError(f"{source}: field '{key}' (an extra model input) needs schema_version "
+                        f"{EXTRA_INPUTS_SCHEMA_VERSION}, the manifest says {version}")
+    return section
+
+
+def _names(section: Mapping[str, Any], key: str, where: str) -> list[str]:
+    names = _get(section, key, list, where)
+    if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise UserError(f"{where}.{key} must be a non-empty list of distinct names, got {names!r}")
+    return list(names)
+
+
+def _input_name(section: Mapping[str, Any], where: str, default: str) -> str:
+    name = _get(section, "input", str, where, default)
+    if not name:
+        raise UserError(f"{where}.input must be a non-empty graph input name")
+    return name
+
+
+def _parse_metadata(data: Mapping[str, Any], source: str, version: int) -> MetadataInput | None:
+    section = _extra_section(data, "metadata", source, version)
+    if section is None:
+        return None
+    where = f"{source}: metadata"
+    fields = _names(section, "fields", where)
+    numbers = {}
+    for key in ("mean", "std"):
+        values = _get(section, key, list, where)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise UserError(f"{where}.{key} must be a list of numbers, got {values!r}")
+        numbers[key] = [float(v) for v in values]
+    table = _get(section, "table", (str, type(None)), where, None)
+    spec = MetadataInput(input=_input_name(section, where, "metadata"), fields=fields,
+                         method=_get(section, "method", str, where), mean=numbers["mean"], std=numbers["std"],
+                         table=table, case_column=_get(section, "case_column", str, where, "case"))
+    try:
+        spec.normalization()  # the same checks training's record passes: method, lengths, finite, std > 0
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+    return spec
+
+
+def _parse_modalities(data: Mapping[str, Any], source: str, version: int, in_channels: int) -> ModalityInput | None:
+    section = _extra_section(data, "modalities", source, version)
+    if section is None:
+        return None
+    where = f"{source}: modalities"
+    names = _names(section, "names", where)
+    if len(names) != in_channels:
+        raise UserError(f"{where}.names lists {len(names)} modalities but in_channels is {in_channels} "
+                        "(one image channel per modality)")
+    return ModalityInput(input=_input_name(section, where, "modality_mask"), names=names)
 
 
 def _check_preprocess(preprocess: dict[str, Any], source: str) -> None:

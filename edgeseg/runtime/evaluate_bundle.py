@@ -5,6 +5,12 @@ Every case of the split goes through the same code as `edgeseg segment` (`pipeli
 input's own grid against its label (label_map of the manifest applied) with `edgeseg.metrics`,
 exactly as `edgeseg evaluate RUN` scores a run. The result has the same shape as that command's
 ({"cases": {name: {class: metrics}}, "summary": aggregate(...)}), plus how it was produced.
+
+Bundles with extra model inputs are fed as the run was evaluated: FiLM metadata from each case's JSON
+sidecar, or from the table the run used when it lay under the data root (recorded in the manifest;
+`metadata_table` overrides), normalised with the bundle's recorded statistics; HeMIS cases may lack
+modality files (MSD layout), and `modalities` keeps only those present (cases with none of them are
+skipped and listed), as `edgeseg evaluate RUN --modalities` does.
 """
 
 from __future__ import annotations
@@ -16,9 +22,16 @@ from typing import Any
 
 from edgeseg.data.discovery import discover_cases, load_splits
 from edgeseg.data.io import read_image, read_label
+from edgeseg.data.metadata import read_metadata
 from edgeseg.data.preprocess import PreprocessSpec, remap_labels
 from edgeseg.errors import UserError, unknown_name
 from edgeseg.metrics import aggregate, case_metrics
+from edgeseg.runtime.case_inputs import (
+    assemble_modalities,
+    check_input_options,
+    modality_indices,
+    model_inputs,
+)
 from edgeseg.runtime.pipeline import OnBatch, check_options, prepare, segment_prepared
 
 SPLIT_CHOICES = ("train", "val", "test", "all")
@@ -50,6 +63,8 @@ def evaluate_bundle(
     blend: str = "gaussian",
     tile: Sequence[int] | None = None,
     threads: int | None = None,
+    modalities: Sequence[str] | None = None,
+    metadata_table: Path | str | None = None,
     on_start: Callable[[str, int], None] | None = None,
     on_batch: OnBatch | None = None,
     on_case: Callable[[str], None] | None = None,
@@ -58,6 +73,8 @@ def evaluate_bundle(
 
     The split comes from `data/splits_file` (or the seeded 70/15/15 split `edgeseg train` uses when
     the file is absent); "all" scores every labelled case. Unlabelled cases are skipped.
+    `modalities` (HeMIS bundles): score with only these modalities present; `metadata_table` (FiLM
+    bundles): read the metadata from this CSV/TSV instead of the recorded table or the sidecars.
     """
     from edgeseg.runtime.backends import open_backend
     from edgeseg.runtime.bundle import load_bundle
@@ -71,16 +88,26 @@ def evaluate_bundle(
         tta_axes = list(range(manifest.spatial_dims))
     tile = check_options(manifest, tta_axes=tta_axes, mc_passes=mc_passes, overlap=overlap, batch_size=batch,
                          blend=blend, tile=tile)
+    check_input_options(manifest, None, metadata_table, modalities)
+    selected = None if modalities is None or manifest.modalities is None else modality_indices(manifest.modalities,
+                                                                                                modalities)
     root = Path(data)
-    cases = discover_cases(root, layout)
+    hetero = manifest.modalities is not None
+    cases = discover_cases(root, layout, missing_channels=hetero, channels=manifest.in_channels if hetero else None)
     if split == "all":
         refs = [c for c in cases if c.label is not None]
     else:
         refs = [c for c in load_splits(root, splits_file, cases, seed=seed).get(split, []) if c.label is not None]
     if not refs:
         raise UserError(f"{root}: no labelled cases in the '{split}' split")
+    raw_metadata = None
+    if manifest.metadata is not None:  # every case's metadata read before any work
+        table = metadata_table if metadata_table is not None else manifest.metadata.table
+        path = None if table is None else (Path(table) if Path(table).is_absolute() else root / table)
+        raw_metadata = read_metadata(refs, manifest.metadata.fields, path, manifest.metadata.case_column)
     spec = PreprocessSpec.from_dict(manifest.preprocess)
     class_names = list(manifest.class_names)
+    skipped: list[str] = []
     engine = open_backend(bundle, backend, mc=mc_passes > 0, threads=threads, batch_size=batch, tile=tile)
     if on_start is not None:
         on_start(engine.description, len(refs))
@@ -88,12 +115,22 @@ def evaluate_bundle(
     seconds: list[float] = []  # wall time per volume: preprocessing + tiled inference + postprocessing
     try:
         for ref in refs:
+            present = None
+            if manifest.modalities is not None:
+                channels = [int(i) for i in ref.present_channels().nonzero()[0]]
+                if selected is not None and not set(channels) & set(selected):
+                    skipped.append(ref.name)  # none of the chosen modalities on disk
+                    continue
             image = read_image(list(ref.images))
             label = read_label(ref.label, image)  # type: ignore[arg-type]  # refs are labelled
             reference = remap_labels(label.array, spec.label_map, len(class_names))
             del label
             started = time.perf_counter()
-            prepared = prepare(image, manifest, str(ref.images[0]))
+            if manifest.modalities is not None:
+                image, present = assemble_modalities(image, channels, manifest.modalities, selected, ref.name)
+            prepared = prepare(image, manifest, str(ref.images[0]), present)
+            prepared.inputs = model_inputs(manifest, None if raw_metadata is None else raw_metadata[ref.name], present,
+                                           ref.name)
             original = prepared.original
             del image
             seg = segment_prepared(prepared, manifest, engine, tta_axes=tta_axes, mc_passes=mc_passes,
@@ -105,6 +142,11 @@ def evaluate_bundle(
                 on_case(ref.name)
     finally:
         engine.close()
+    if not per_case:
+        raise UserError(f"no case of the '{split}' split has any of the modalities {list(modalities or [])}")
+    extra: dict[str, Any] = {}
+    if modalities is not None:
+        extra = {"modalities": list(modalities), "skipped_cases": skipped}
     return {
         "cases": per_case,
         "summary": aggregate(list(per_case.values())),
@@ -116,4 +158,5 @@ def evaluate_bundle(
         "settings": {"tile": tile, "overlap": overlap, "blend": blend, "batch_size": batch,
                      "tta_axes": None if tta_axes is None else list(tta_axes), "mc_passes": mc_passes,
                      "include_background": include_background},
+        **extra,
     }

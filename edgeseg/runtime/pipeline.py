@@ -20,6 +20,11 @@ Peak memory: the preprocessed input, one tile-deep slab of accumulators (K or S 
 entropy float32 and S per-sample label maps uint8 only when asked for) and their copies on the
 input grid. The input as read is released once it is preprocessed (only its geometry is kept).
 
+Models with extra inputs (FiLM metadata, HeMIS modality mask; `case_inputs`): each case's values are
+resolved before any work (metadata: --metadata, a table or the case's JSON sidecar; modalities: which
+channel files are given and --modalities), and fed with every tile batch, one row per tile, under every
+TTA flip and MC pass (`model_predictor`).
+
 Labels are the argmax of the mean probability on the model's grid, mapped back nearest-neighbour
 (as `edgeseg evaluate` scores runs, so bundle and run evaluation agree); probabilities and the
 entropy map are mapped back linearly. Output labels are class indices (0 = class_names[0]).
@@ -29,8 +34,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +56,14 @@ from edgeseg.data.preprocess import PreprocessSpec, preprocess_case, undo_spatia
 from edgeseg.errors import UserError
 from edgeseg.runtime.backends import Backend
 from edgeseg.runtime.bundle import MULTILABEL_BACKGROUND, Manifest, make_mc_masks
+from edgeseg.runtime.case_inputs import (
+    assemble_modalities,
+    batched,
+    case_metadata,
+    check_input_options,
+    modality_indices,
+    model_inputs,
+)
 from edgeseg.runtime.tiling import BLEND_MODES, Predictor, iter_slabs, iter_slices
 from edgeseg.runtime.tta import flip_sets, split_samples, tta_predictor
 from edgeseg.runtime.uncertainty import (
@@ -168,17 +181,29 @@ def sigmoid_multilabel(scores: np.ndarray) -> np.ndarray:
 
 
 def model_predictor(backend: Backend, manifest: Manifest, sampling: Sampling, *, keep_samples: bool,
-                    batch_size: int | None = None) -> Predictor:
+                    batch_size: int | None = None, inputs: dict[str, np.ndarray] | None = None) -> Predictor:
     """Tile batch -> class probabilities under every sample, or their mean (for output_kind
     "normalized_relu": SoftSeg's soft maps).
 
+    `inputs`: the case's extra model inputs (`case_inputs.model_inputs`, unbatched), repeated to the size of
+    every call (TTA packs flipped tiles into calls of any size; flips do not touch them).
     Shape: (B, C_in, *T) -> (B, S * K, *T) with keep_samples (sample s in channels [s*K, (s+1)*K),
     s = flip index * N + MC pass), else (B, K, *T).
     """
     num_classes = len(manifest.class_names)
+    missing = [n for n in manifest.extra_inputs if n not in (inputs or {})]
+    if missing:
+        raise UserError(f"the bundle's model needs its {' and '.join(missing)} input(s) for every case")
+    case_inputs = {n: np.asarray(v, np.float32) for n, v in (inputs or {}).items()}
+    repeated: dict[int, dict[str, np.ndarray]] = {}  # by batch size: tiles of one case share the values
 
     def probabilities(batch: np.ndarray, masks: dict[str, np.ndarray] | None) -> np.ndarray:
-        out = backend.run(batch, masks)
+        feeds = dict(masks or {})
+        if case_inputs:
+            if len(batch) not in repeated:
+                repeated[len(batch)] = batched(case_inputs, len(batch))
+            feeds.update(repeated[len(batch)])
+        out = backend.run(batch, feeds or None)
         if out.shape[1] != manifest.model_channels():
             raise UserError(f"the model returns {out.shape[1]} channels but the bundle lists {num_classes} classes"
                             f" (output_kind {manifest.output_kind})")
@@ -306,6 +331,7 @@ class Prepared:
 
     image: np.ndarray  # (C, *P) float32
     original: Volume  # the input's affine, header, spacing; array is a zero-stride placeholder of its shape
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)  # extra model inputs of the case (unbatched)
 
 
 def geometry_only(volume: Volume) -> Volume:
@@ -314,8 +340,12 @@ def geometry_only(volume: Volume) -> Volume:
     return Volume(placeholder, volume.affine, volume.spacing, volume.header)
 
 
-def prepare(volume: Volume, manifest: Manifest, source: str = "input") -> Prepared:
-    """Check channels and dimensionality against the bundle, then preprocess as its manifest says."""
+def prepare(volume: Volume, manifest: Manifest, source: str = "input", present: np.ndarray | None = None) -> Prepared:
+    """Check channels and dimensionality against the bundle, then preprocess as its manifest says.
+
+    `present` (C,) bool: channels (HeMIS modalities) that hold an image; the others are zero after
+    preprocessing, as training fills a missing modality.
+    """
     channels, ndim = volume.array.shape[0], volume.array.ndim - 1
     if channels != manifest.in_channels:
         raise UserError(f"{source}: {channels} channel(s), but the bundle's model takes {manifest.in_channels}")
@@ -326,6 +356,8 @@ def prepare(volume: Volume, manifest: Manifest, source: str = "input") -> Prepar
         raise UserError(f"{source}: a {ndim}D image, but the bundle resamples to {len(spec.target_spacing)}D "
                         f"spacing {list(spec.target_spacing)}")
     image, _, _ = preprocess_case(volume, None, spec)
+    if present is not None and not np.all(present):
+        image[~np.asarray(present, bool)] = 0.0
     return Prepared(image=image, original=geometry_only(volume))
 
 
@@ -381,7 +413,8 @@ def segment_prepared(prepared: Prepared, manifest: Manifest, backend: Backend, *
                          batch_size=batch_size, blend=blend, tile=tile, iou_threshold=iou_threshold)
     keep = uncertainty or iou_threshold is not None
     sampling = make_sampling(manifest, tta_axes=tta_axes, mc_passes=mc_passes, rng=np.random.default_rng(seed))
-    predict = model_predictor(backend, manifest, sampling, keep_samples=keep, batch_size=batch_size)
+    predict = model_predictor(backend, manifest, sampling, keep_samples=keep, batch_size=batch_size,
+                              inputs=prepared.inputs)
     slice_axis = DEFAULT_SLICE_AXIS if manifest.slice_axis is None else manifest.slice_axis
     grid = predict_on_grid(prepared.image, predict, num_classes=len(manifest.class_names),
                            num_samples=sampling.num_samples if keep else 1, model_dims=manifest.spatial_dims,
@@ -394,16 +427,31 @@ def segment_prepared(prepared: Prepared, manifest: Manifest, backend: Backend, *
 def segment_volume(volume: Volume, manifest: Manifest, backend: Backend, *, tta_axes: Sequence[int] | None = None,
                    mc_passes: int = 0, uncertainty: bool = False, probabilities: bool = False, overlap: float = 0.5,
                    batch_size: int = 1, blend: str = "gaussian", tile: Sequence[int] | None = None,
-                   iou_threshold: float | None = None, seed: int = 0,
-                   on_batch: OnBatch | None = None) -> Segmentation:
+                   iou_threshold: float | None = None, seed: int = 0, on_batch: OnBatch | None = None,
+                   metadata: Mapping[str, float] | None = None, present: Sequence[bool] | None = None) -> Segmentation:
     """Segment one volume as read by `edgeseg.data.io.read_image`; results on its grid.
 
     tta_axes: None = no TTA, else the model axes whose flips (all 2**n subsets) are averaged;
     mc_passes: Monte Carlo dropout passes (0 = the plain form); uncertainty: keep per-sample
     labels for the entropy map and structure figures (needs >= 2 samples); iou_threshold: remove
     structures whose IoU across samples is below it; seed: of the MC masks.
+    metadata: raw values by field (bundles with a metadata input; normalised here as in training);
+    present: (M,) which channels (modalities) hold an image (HeMIS bundles; default all).
     """
-    return segment_prepared(prepare(volume, manifest), manifest, backend, tta_axes=tta_axes, mc_passes=mc_passes,
+    raw = None
+    if manifest.metadata is not None:
+        fields = manifest.metadata.fields
+        missing = [f for f in fields if f not in (metadata or {})]
+        if missing:
+            raise UserError(f"the bundle's model needs metadata field '{missing[0]}': pass metadata={{field: value}} "
+                            f"for {', '.join(fields)}")
+        raw = tuple(float(metadata[f]) for f in fields)  # type: ignore[index]
+    mask = None if present is None else np.asarray(present, bool)
+    if mask is not None and (mask.shape != (manifest.in_channels,) or not mask.any()):
+        raise UserError(f"present must name {manifest.in_channels} channels with at least one present, got {list(mask)}")
+    prepared = prepare(volume, manifest, present=mask)
+    prepared.inputs = model_inputs(manifest, raw, mask)
+    return segment_prepared(prepared, manifest, backend, tta_axes=tta_axes, mc_passes=mc_passes,
                             uncertainty=uncertainty, probabilities=probabilities, overlap=overlap,
                             batch_size=batch_size, blend=blend, tile=tile, iou_threshold=iou_threshold, seed=seed,
                             on_batch=on_batch)
@@ -417,10 +465,12 @@ _CHANNEL = re.compile(r"^(?P<id>.+)_(?P<channel>\d{4})$")
 
 @dataclass(frozen=True)
 class InputCase:
-    """One input: its output file name and one image file per channel."""
+    """One input: its output file name, its image files, and its extra model inputs' sources."""
 
     name: str  # e.g. "hippocampus_001.nii.gz"; multi-channel cases drop the _0000 suffix
     paths: tuple[Path, ...]
+    channels: tuple[int, ...] | None = None  # HeMIS: the modality of each channel read (None: all, in order)
+    metadata: tuple[float, ...] | None = None  # raw metadata in the manifest's field order (FiLM bundles)
 
 
 @dataclass(frozen=True)
@@ -448,11 +498,14 @@ def _is_pattern(text: str) -> bool:
     return any(c in text for c in "*?[")
 
 
-def collect_inputs(inputs: Sequence[str | Path], in_channels: int = 1) -> list[InputCase]:
+def collect_inputs(inputs: Sequence[str | Path], in_channels: int = 1, *, partial: bool = False,
+                   file_channels: Sequence[int] | None = None) -> list[InputCase]:
     """Files, folders (their image files, not recursive) and glob patterns -> cases, in order.
 
     With in_channels > 1, files are grouped by the nnU-Net channel suffix (case_0000.nii.gz,
-    case_0001.nii.gz ...) and each case is named without it.
+    case_0001.nii.gz ...) and each case is named without it. `partial` (HeMIS bundles): a case may
+    lack some channel files (`InputCase.channels` lists those it has), and with `file_channels`
+    (the --modalities indices) a file without the suffix is one case holding those channels, in order.
     """
     import glob
 
@@ -478,7 +531,8 @@ def collect_inputs(inputs: Sequence[str | Path], in_channels: int = 1) -> list[I
         else:
             raise UserError(f"input not found: {item}")
     unique = list(dict.fromkeys(f.resolve() for f in files))
-    cases = [InputCase(f.name, (f,)) for f in unique] if in_channels == 1 else _group_channels(unique, in_channels)
+    cases = ([InputCase(f.name, (f,)) for f in unique] if in_channels == 1
+             else _group_channels(unique, in_channels, partial, file_channels))
     by_name: dict[str, InputCase] = {}
     for case in cases:
         if case.name in by_name:
@@ -488,19 +542,28 @@ def collect_inputs(inputs: Sequence[str | Path], in_channels: int = 1) -> list[I
     return cases
 
 
-def _group_channels(files: list[Path], in_channels: int) -> list[InputCase]:
+def _group_channels(files: list[Path], in_channels: int, partial: bool = False,
+                    file_channels: Sequence[int] | None = None) -> list[InputCase]:
     groups: dict[str, dict[int, Path]] = {}
+    cases = []
     for f in files:
         suffix = file_suffix(f)
         match = _CHANNEL.match(f.name[: -len(suffix)])
+        if match is None and partial and file_channels is not None:
+            cases.append(InputCase(f.name, (f,), channels=tuple(file_channels)))
+            continue
         if match is None:
+            hint = " (or pass --modalities to say which modalities the file holds)" if partial else ""
             raise UserError(f"{f}: the model takes {in_channels} channels; name the files of a case "
-                            f"<case>_0000{suffix} ... <case>_{in_channels - 1:04d}{suffix}")
+                            f"<case>_0000{suffix} ... <case>_{in_channels - 1:04d}{suffix}{hint}")
         groups.setdefault(match["id"] + suffix, {})[int(match["channel"])] = f
-    cases = []
     for name, by_index in groups.items():
-        if sorted(by_index) != list(range(in_channels)):
-            raise UserError(f"{name}: channel files {sorted(by_index)} found, the model needs 0..{in_channels - 1}")
+        indices = sorted(by_index)
+        if partial and indices and indices[-1] < in_channels:
+            cases.append(InputCase(name, tuple(by_index[i] for i in indices), channels=tuple(indices)))
+            continue
+        if indices != list(range(in_channels)):
+            raise UserError(f"{name}: channel files {indices} found, the model needs 0..{in_channels - 1}")
         cases.append(InputCase(name, tuple(by_index[i] for i in range(in_channels))))
     return cases
 
@@ -546,13 +609,19 @@ class SegmentOptions:
     tile: tuple[int, ...] = ()
     iou_threshold: float | None = None
     seed: int = 0
+    metadata: tuple[tuple[str, float], ...] = ()  # --metadata values, for every case (FiLM bundles)
+    metadata_table: str | None = None  # --metadata-table (FiLM bundles; default: each case's JSON sidecar)
+    modalities: tuple[str, ...] | None = None  # --modalities: only these count as present (HeMIS bundles)
 
 
 def segment_options(manifest: Manifest, *, tta: bool = False, tta_axes: Sequence[int] | None = None,
                     mc_passes: int = 0, uncertainty: bool = False, probabilities: bool = False, overlap: float = 0.5,
                     batch_size: int | None = None, blend: str = "gaussian", tile: Sequence[int] | None = None,
-                    iou_threshold: float | None = None, seed: int = 0) -> SegmentOptions:
+                    iou_threshold: float | None = None, seed: int = 0, metadata: Mapping[str, float] | None = None,
+                    metadata_table: str | Path | None = None,
+                    modalities: Sequence[str] | None = None) -> SegmentOptions:
     """`segment_files`' options with defaults filled in from the bundle, checked (UserError) before any work."""
+    check_input_options(manifest, metadata, metadata_table, modalities)
     batch = manifest.batch if batch_size is None else batch_size
     if tta_axes is None and tta:
         tta_axes = list(range(manifest.spatial_dims))
@@ -561,7 +630,35 @@ def segment_options(manifest: Manifest, *, tta: bool = False, tta_axes: Sequence
                             batch_size=batch, blend=blend, tile=tile, iou_threshold=iou_threshold)
     return SegmentOptions(tta_axes=None if tta_axes is None else tuple(tta_axes), mc_passes=mc_passes,
                           keep_samples=keep, probabilities=probabilities, overlap=overlap, batch_size=batch,
-                          blend=blend, tile=tuple(checked), iou_threshold=iou_threshold, seed=seed)
+                          blend=blend, tile=tuple(checked), iou_threshold=iou_threshold, seed=seed,
+                          metadata=tuple((k, float(v)) for k, v in (metadata or {}).items()),
+                          metadata_table=None if metadata_table is None else str(metadata_table),
+                          modalities=None if modalities is None else tuple(modalities))
+
+
+def collect_cases(inputs: Sequence[str | Path], manifest: Manifest, options: SegmentOptions) -> list[InputCase]:
+    """`collect_inputs` for this bundle, each case with its raw metadata resolved (UserError naming the case
+    and field when one is missing), so every case is known to be feedable before any work."""
+    selected = None
+    if manifest.modalities is not None and options.modalities is not None:
+        selected = modality_indices(manifest.modalities, options.modalities)
+    cases = collect_inputs(inputs, manifest.in_channels, partial=manifest.modalities is not None,
+                           file_channels=selected)
+    if manifest.metadata is None:
+        return cases
+    table = None if options.metadata_table is None else Path(options.metadata_table)
+    given = dict(options.metadata)
+    return [replace(c, metadata=case_metadata(c.name, c.paths, manifest.metadata, given, table)) for c in cases]
+
+
+def read_case(case: InputCase, manifest: Manifest, options: SegmentOptions) -> tuple[Volume, np.ndarray | None]:
+    """A case's image with the bundle's channels, and which are present (HeMIS bundles; else None)."""
+    volume = read_image(list(case.paths))
+    if manifest.modalities is None:
+        return volume, None
+    selected = None if options.modalities is None else modality_indices(manifest.modalities, options.modalities)
+    channels = case.channels if case.channels is not None else tuple(range(volume.array.shape[0]))
+    return assemble_modalities(volume, channels, manifest.modalities, selected, f"case '{case.name}'")
 
 
 def plan_outputs(cases: Sequence[InputCase], out_dir: Path | str, options: SegmentOptions) -> list[OutputPaths]:
@@ -576,7 +673,10 @@ def segment_case(case: InputCase, plan: OutputPaths, manifest: Manifest, engine:
     from edgeseg.atomic import write_json
 
     started = time.perf_counter()
-    prepared = prepare(read_image(list(case.paths)), manifest, str(case.paths[0]))
+    volume, present = read_case(case, manifest, options)
+    prepared = prepare(volume, manifest, str(case.paths[0]), present)
+    del volume
+    prepared.inputs = model_inputs(manifest, case.metadata, present, case.name)
     original = prepared.original
     seg = segment_prepared(prepared, manifest, engine, tta_axes=options.tta_axes, mc_passes=options.mc_passes,
                            uncertainty=options.keep_samples, probabilities=options.probabilities,
@@ -593,7 +693,7 @@ def segment_case(case: InputCase, plan: OutputPaths, manifest: Manifest, engine:
     seconds = time.perf_counter() - started
     if plan.summary is not None:
         write_json(plan.summary, _summary(case, plan, seg, volumes, original, bundle_path, engine,
-                                          options.iou_threshold, seconds))
+                                          options.iou_threshold, seconds, _inputs_record(manifest, case, present)))
     return CaseResult(case=case, outputs=plan, seconds=seconds, volumes_mm3=volumes,
                       structures=None if seg.structures is None else len(seg.structures), removed=seg.removed)
 
@@ -617,6 +717,9 @@ def segment_files(
     overwrite: bool = False,
     threads: int | None = None,
     seed: int = 0,
+    metadata: Mapping[str, float] | None = None,
+    metadata_table: str | Path | None = None,
+    modalities: Sequence[str] | None = None,
     on_start: Callable[[str, int], None] | None = None,
     on_batch: OnBatch | None = None,
     on_case: Callable[[CaseResult], None] | None = None,
@@ -636,10 +739,11 @@ def segment_files(
     manifest = bundle.manifest
     options = segment_options(manifest, tta=tta, tta_axes=tta_axes, mc_passes=mc_passes, uncertainty=uncertainty,
                               probabilities=probabilities, overlap=overlap, batch_size=batch_size, blend=blend,
-                              tile=tile, iou_threshold=iou_threshold, seed=seed)
+                              tile=tile, iou_threshold=iou_threshold, seed=seed, metadata=metadata,
+                              metadata_table=metadata_table, modalities=modalities)
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be >= 1, got {threads}")
-    cases = collect_inputs(inputs, manifest.in_channels)
+    cases = collect_cases(inputs, manifest, options)
     plans = plan_outputs(cases, out_dir, options)
     check_outputs(cases, plans, overwrite)
     engine = open_backend(bundle, backend, mc=mc_passes > 0, threads=threads, batch_size=options.batch_size,
@@ -658,8 +762,21 @@ def segment_files(
     return results
 
 
+def _inputs_record(manifest: Manifest, case: InputCase, present: np.ndarray | None) -> dict[str, Any]:
+    """The extra inputs a case was segmented with, for its JSON summary: raw metadata, modalities present."""
+    record: dict[str, Any] = {}
+    if manifest.metadata is not None and case.metadata is not None:
+        record["metadata"] = dict(zip(manifest.metadata.fields, case.metadata))
+    if manifest.modalities is not None:
+        names = manifest.modalities.names
+        record["modalities_present"] = [n for n, p in zip(names, present if present is not None else [True] * len(names))
+                                        if p]
+    return record
+
+
 def _summary(case: InputCase, plan: OutputPaths, seg: Segmentation, volumes: dict[str, float], original: Volume,
-             bundle_path: Path | str, engine: Backend, iou_threshold: float | None, seconds: float) -> dict[str, Any]:
+             bundle_path: Path | str, engine: Backend, iou_threshold: float | None, seconds: float,
+             inputs: dict[str, Any] | None = None) -> dict[str, Any]:
     """The per-case JSON: structures with volume (mm³) and uncertainty figures, class volumes, provenance."""
     summary = case_summary(seg.structures or [], seg.sampling.num_samples, seg.sampling.sources, seg.removed)
     return {
@@ -672,6 +789,7 @@ def _summary(case: InputCase, plan: OutputPaths, seg: Segmentation, volumes: dic
         "spacing_mm": [float(s) for s in original.spacing],
         "iou_threshold": iou_threshold,
         "class_volumes_mm3": volumes,
+        **(inputs or {}),
         "uncertainty_units": "entropy of the mean probability, nats",
         **summary,
         "seconds": round(seconds, 3),

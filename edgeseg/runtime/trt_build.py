@@ -164,7 +164,7 @@ def plan_profile(manifest: Manifest, form: str, batch: int, tile: list[int]) -> 
         raise UserError(f"tile {tile} must be positive multiples of {manifest.min_input_multiple} (the model's "
                         f"min_input_multiple)")
     image: Shape = (batch, manifest.in_channels, *tile)
-    shapes = {manifest.input_name: image}
+    shapes = {manifest.input_name: image, **manifest.extra_input_shapes(batch)}
     if manifest.form(form).mc:
         shapes.update(manifest.mc_mask_shapes(batch))
     return {name: (shape, shape, shape) for name, shape in shapes.items()}

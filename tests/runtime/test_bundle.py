@@ -172,7 +172,21 @@ def _edit_manifest(path, edit):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda d: d.update(schema_version=2), "schema version 2 is newer"),
+    (lambda d: d.update(schema_version=3), "schema version 3 is newer"),
+    (lambda d: d.update(metadata={"fields": ["age"], "method": "zscore", "mean": [0], "std": [1]}),
+     "field 'metadata' .* needs schema_version 2"),
+    (lambda d: d.update(schema_version=2, metadata={"fields": ["age"], "method": "zscore", "mean": [0], "std": [1]}),
+     r"forms.q.inputs \['image'\] do not match the model input, extra inputs \['metadata'\]"),
+    (lambda d: d.update(schema_version=2, metadata={"fields": ["age"], "method": "zscore", "mean": [0], "std": [0]}),
+     "metadata: metadata normalization: means must be finite and stds positive"),
+    (lambda d: d.update(schema_version=2, metadata={"fields": ["age", "age"], "method": "zscore", "mean": [0, 0],
+                                                    "std": [1, 1]}), "metadata.fields must be a non-empty list of distinct"),
+    (lambda d: d.update(schema_version=2, metadata={"fields": ["age"], "method": "minmax", "mean": [0], "std": [1]}),
+     "unknown metadata normalization 'minmax'"),
+    (lambda d: d.update(schema_version=2, modalities={"names": ["t1", "t2"]}), "lists 2 modalities but in_channels is 4"),
+    (lambda d: d.update(schema_version=2, modalities={"names": ["t1", "t2", "t1", "x"]}), "distinct names"),
+    (lambda d: d.update(schema_version=2, modalities={"input": "image", "names": ["a", "b", "c", "d"]}),
+     "must be distinct"),
     (lambda d: d.update(format="something"), "not an edgeseg bundle manifest"),
     (lambda d: d.pop("class_names"), "missing field 'class_names'"),
     (lambda d: d.update(spatial_dims=4), "spatial_dims must be 2 or 3"),

@@ -190,18 +190,25 @@ def table(rows: list[dict], quick: bool, threads: int) -> str:
         "CPU int8 form). Gaussian blending, overlap 0.5, batch 4 tiles. TTA: 8 flips (MONAI: 8 flipped volumes; "
         "edgeseg: inside the tile pass). Wall time: inference on an in-memory volume after one warm-up batch; peak RSS (VmHWM): the whole process."),
         "",
-        "| volume | tile | TTA | runner | wall (s) | speed vs MONAI | peak RSS (MB) | RSS / MONAI's |",
-        "|---|---|---|---|---:|---:|---:|---:|",
+        "| volume | tile | TTA | runner | wall (s) | speed vs MONAI | peak RSS (MB) | RSS / MONAI's | commit |",
+        "|---|---|---|---|---:|---:|---:|---:|---|",
     ]
-    for r in rows:
+    order = {name: i for i, name in enumerate(RUNNERS)}
+    for r in sorted(rows, key=lambda r: (r["size"][::-1], r["tile"], r["tta"], order[r["runner"]])):
         base = next((x for x in rows if x["size"] == r["size"] and x["tile"] == r["tile"] and x["tta"] == r["tta"]
                      and x["runner"] == "monai"), None)
         speed = "-" if base is None else f"{base['seconds'] / r['seconds']:.2f}x"
         memory = "-" if base is None else f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}"
         lines.append(f"| {'x'.join(map(str, r['size']))} | {'x'.join(map(str, r['tile']))} | "
                      f"{'8 flips' if r['tta'] else 'no'} | {r['runner']} | {r['seconds']:.2f} | "
-                     f"{speed} | {r['peak_rss_mb']:.0f} | {memory} |")
+                     f"{speed} | {r['peak_rss_mb']:.0f} | {memory} | {r.get('commit', '-')} |")
     return "\n".join(lines) + "\n"
+
+
+def _commit() -> str:
+    """The checkout's commit (rows measured on different days say which code they measured)."""
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False)
+    return done.stdout.strip() or "unknown"
 
 
 def _key(row: dict) -> tuple:
@@ -217,6 +224,11 @@ def main() -> None:
                         help="JSON file of measured rows: configurations already in it are not measured again, new "
                              "ones are appended as they finish (the full matrix takes hours on 2 cores: resumable)")
     parser.add_argument("--only-size", default=None, help="measure only this volume size, e.g. 128,128,128")
+    parser.add_argument("--only-tile", default=None, help="measure only this tile, e.g. 96,96,96")
+    parser.add_argument("--tta-modes", choices=("both", "off", "on"), default="both",
+                        help="measure without TTA, with 8-flip TTA, or both")
+    parser.add_argument("--redo", action="store_true",
+                        help="re-measure the selected configurations (all four runners) even if --rows has them")
     parser.add_argument("--work", type=Path, default=None, help="folder for the model and bundles (default: temp)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--child", choices=RUNNERS, help=argparse.SUPPRESS)
@@ -233,20 +245,28 @@ def main() -> None:
 
     grid = QUICK if args.quick else FULL
     sizes = grid["sizes"] if args.only_size is None else [tuple(int(v) for v in args.only_size.split(","))]
+    tiles = grid["tiles"] if args.only_tile is None else [tuple(int(v) for v in args.only_tile.split(","))]
+    modes = {"both": (False, True), "off": (False,), "on": (True,)}[args.tta_modes]
+    selected = {(tuple(size), tuple(tile), tta, runner)
+                for size in sizes for tile in tiles for tta in modes for runner in RUNNERS}
     rows = json.loads(args.rows.read_text()) if args.rows is not None and args.rows.is_file() else []
+    if args.redo:  # the runners of one configuration are always measured together, side by side
+        rows = [r for r in rows if _key(r) not in selected]
     done = {_key(r) for r in rows}
+    commit = _commit()
     with tempfile.TemporaryDirectory(prefix="edgeseg-bench-") as tmp:
         work = args.work or Path(tmp)
         print(f"preparing model and bundles in {work}", flush=True)
         prepare(work)
         for size in sizes:
-            for tile in grid["tiles"]:
-                for tta in (False, True):
+            for tile in tiles:
+                for tta in modes:
                     for runner in RUNNERS:
                         if (tuple(size), tuple(tile), tta, runner) in done:
                             continue
                         result = run_config(runner, size, tile, tta, work, args.threads)
-                        rows.append({"size": list(size), "tile": list(tile), "tta": tta, "runner": runner, **result})
+                        rows.append({"size": list(size), "tile": list(tile), "tta": tta, "runner": runner, **result,
+                                     "commit": commit})
                         if args.rows is not None:
                             write_json(args.rows, rows)
                         print(f"  {'x'.join(map(str, size))} tile {'x'.join(map(str, tile))} tta={tta} {runner}: "

@@ -207,6 +207,8 @@ def table(rows: list[dict], quick: bool, threads: int) -> str:
 
 def _commit() -> str:
     """The checkout's commit (rows measured on different days say which code they measured)."""
+    if os.environ.get("EDGESEG_BENCH_COMMIT"):  # a frozen copy of the tree (git archive) has no .git
+        return os.environ["EDGESEG_BENCH_COMMIT"]
     done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False)
     return done.stdout.strip() or "unknown"
 

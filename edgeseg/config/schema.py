@@ -102,6 +102,9 @@ class DataConfig:
     # listed for a case is unknown there, not background: train.scheme inerrant treats it so (Petit et al.
     # 2021); other schemes erase its voxels to background (naive training on partial labels).
     partial_labels: str | dict[str, tuple[str, ...]] | None = None
+    # few labelled volumes: train on the labels of only the first N cases of the training split (split order);
+    # the other training cases are left out (no scheme trains on unlabelled volumes yet). None = all of them.
+    labelled_train_cases: int | None = None
 
     def validate(self) -> None:
         if len(self.class_names) < 2:
@@ -135,6 +138,9 @@ class DataConfig:
             raise ValueError("synthetic_missing must be within [0, 1)")
         if self.synthetic_missing > 0 and self.synthetic_modalities < 2:
             raise ValueError("synthetic_missing needs synthetic_modalities >= 2 (a case keeps at least one)")
+        if self.labelled_train_cases is not None and self.labelled_train_cases < 1:
+            raise ValueError(f"labelled_train_cases must be >= 1 (null = every training case), "
+                             f"got {self.labelled_train_cases}")
 
     @property
     def tile_size(self) -> tuple[int, ...]:
@@ -312,7 +318,41 @@ class TwoStepConfig:
             raise ValueError(f"two_step.balanced_epochs must be >= 1, got {self.balanced_epochs}")
 
 
-TrainingScheme = Literal["standard", "softseg", "inerrant"]
+TrainingScheme = Literal["standard", "softseg", "inerrant", "stipple"]
+
+
+@dataclass(frozen=True)
+class StippleConfig:
+    """STIPPLE's 3D spatial prior (Petit et al. 2021; edgeseg.priors, edgeseg.train.stipple) for train.scheme
+    stipple: the prior is built from the training labels into `num_bins` axial bins per organ (1 < B < the
+    organ's axial extent); at evaluation it is placed on each volume by the integer translation, within
+    +-`max_shift` voxels per axis, that minimises the KL divergence between the network's probabilities and a
+    reference training volume's labels, smoothed as (1 - a) one-hot + a / K with a = `reference_smoothing`,
+    searched coarse to fine over the pooling `factors`. Prior values are floored at `eps` so that ln p stays
+    finite. The training loss is loss(s + ln p) + `coarse_loss_weight` * loss(s): the second term trains the
+    network's own probabilities, which place the prior (0 = the prior-driven term alone)."""
+
+    num_bins: int = 3
+    max_shift: int = 16
+    factors: tuple[int, ...] = (4, 2, 1)
+    eps: float = 1e-6
+    reference_smoothing: float = 0.1
+    coarse_loss_weight: float = 1.0
+
+    def validate(self) -> None:
+        if self.num_bins < 2:
+            raise ValueError(f"stipple.num_bins must be >= 2 (1 < B < the organ's axial extent), got {self.num_bins}")
+        if self.max_shift < 0:
+            raise ValueError(f"stipple.max_shift must be >= 0 voxels, got {self.max_shift}")
+        f = list(self.factors)
+        if not f or f != sorted(set(f), reverse=True) or f[-1] != 1:
+            raise ValueError(f"stipple.factors must decrease strictly and end with 1, e.g. [4, 2, 1]; got {f}")
+        if not 0.0 < self.eps < 0.5:
+            raise ValueError(f"stipple.eps must be within (0, 0.5), got {self.eps}")
+        if not 0.0 <= self.reference_smoothing < 1.0:
+            raise ValueError(f"stipple.reference_smoothing must be within [0, 1), got {self.reference_smoothing}")
+        if self.coarse_loss_weight < 0:
+            raise ValueError(f"stipple.coarse_loss_weight must be >= 0, got {self.coarse_loss_weight}")
 
 
 @dataclass(frozen=True)
@@ -368,6 +408,8 @@ class TrainConfig:
     scheme: TrainingScheme = "standard"
     two_step: TwoStepConfig | None = None  # two-step training with class sampling; None = off
     inerrant: InerrantConfig | None = None  # settings of train.scheme inerrant; None = the defaults
+    # "stipple" (Petit et al. 2021): a 3D spatial prior from the training labels, added to the logits as ln p
+    stipple: StippleConfig | None = None  # settings of train.scheme stipple; None = the defaults
 
     def validate(self) -> None:
         if self.epochs < 1 or self.steps_per_epoch < 1 or self.batch_size < 1:
@@ -382,6 +424,9 @@ class TrainConfig:
         if self.scheme != "inerrant" and self.inerrant is not None:
             raise ValueError(f"train.inerrant only applies to train.scheme inerrant (the scheme is '{self.scheme}'; "
                              "--set train.inerrant=null drops it)")
+        if self.scheme != "stipple" and self.stipple is not None:
+            raise ValueError(f"train.stipple only applies to train.scheme stipple (the scheme is '{self.scheme}'; "
+                             "--set train.stipple=null drops it)")
         steps, first = self.inerrant_settings.relabel_steps, self.inerrant_settings.first_epochs(self.epochs)
         if self.scheme == "inerrant" and steps and first + steps > self.epochs:
             raise ValueError(f"train.inerrant: {first} initial epochs + {steps} relabelling steps of at least one "
@@ -391,6 +436,11 @@ class TrainConfig:
     def inerrant_settings(self) -> InerrantConfig:
         """train.inerrant, or its defaults when not given."""
         return self.inerrant or InerrantConfig()
+
+    @property
+    def stipple_settings(self) -> StippleConfig:
+        """train.stipple, or its defaults when not given."""
+        return self.stipple or StippleConfig()
 
 
 @dataclass(frozen=True)
@@ -437,6 +487,15 @@ class ExperimentConfig:
         if inerrant and (self.augment.mixup_alpha > 0 or self.augment.soft_dilation_factor > 0):
             raise ValueError("train.scheme 'inerrant' trains on crisp partial labels: set augment.mixup_alpha and "
                              "augment.soft_dilation_factor to 0")
+        if self.train.scheme == "stipple":
+            if self.data.spatial_dims != 3:
+                raise ValueError("train.scheme 'stipple' places a 3D spatial prior: it needs data.spatial_dims 3")
+            if self.augment.mixup_alpha > 0:
+                raise ValueError("train.scheme 'stipple' does not mix the priors of two patches: set "
+                                 "augment.mixup_alpha to 0")
+            if self.data.partial_labels is not None:
+                raise ValueError("train.scheme 'stipple' builds its prior from fully labelled volumes: "
+                                 "data.partial_labels is not supported with it")
 
     def data_root(self, base: Path | None = None) -> Path | None:
         """The data folder resolved against `base` (the config file's folder); None for synthetic."""

@@ -176,6 +176,9 @@ class RandomNoise:
         return (image + noise).astype(np.float32), label
 
 
+SPATIAL_TRANSFORMS: tuple[str, ...] = ("flip", "rot90", "affine")  # transforms that move voxels
+
+
 @dataclass
 class Compose:
     """Apply transforms in order, recording (name, params) of each in `history`."""
@@ -191,6 +194,17 @@ class Compose:
             self.history.append((t.name, params))
             image, label = t.apply(image, label, params)
         return image, label
+
+    def apply_spatial(self, maps: np.ndarray) -> np.ndarray:
+        """Replay the last call's spatial transforms (flips, 90-degree rotations, affine) on per-class maps
+        of the same spatial shape, such as STIPPLE's prior patch, so that they stay aligned with the image.
+        The maps move as image channels do: the affine interpolates them linearly (edge values extended),
+        which keeps a partition of unity one. Intensity transforms and label softening are not replayed.
+        Shape: (K, *S) -> (K, *S) float32."""
+        for t, (name, params) in zip(self.transforms, self.history):
+            if name in SPATIAL_TRANSFORMS:
+                maps, _ = t.apply(maps, None, params)
+        return np.ascontiguousarray(maps, dtype=np.float32)
 
 
 @dataclass

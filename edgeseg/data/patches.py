@@ -68,26 +68,41 @@ class PatchSampler:
     For class sampling (two-step training) `sample_window` draws a window position uniformly among
     the positive ones (holding some foreground) or the negative ones (holding none); the two
     position lists are computed on first use.
+
+    Each `sample*` method is `crop(draw*(...))`: `draw` / `draw_window` give the patch's start on the padded
+    grid, and `origin(start)` its first voxel on the case's own grid (negative inside the padding), which is
+    what a map of the case (STIPPLE's prior) needs to be cut at the same place.
     Shape: image (C, *S), label (*S) -> (C, *patch), (*patch).
     """
 
     def __init__(self, image: np.ndarray, label: np.ndarray, patch_size: tuple[int, ...]):
         self.patch_size = tuple(patch_size)
-        self.image, _ = pad_to_shape(image, self.patch_size)
+        self.image, widths = pad_to_shape(image, self.patch_size)
         self.label, _ = pad_to_shape(label, self.patch_size)
+        self.offset = tuple(lo for lo, _ in widths)  # voxels of padding before the case on each axis
         self.foreground = np.argwhere(self.label > 0)  # (N, ndim) coordinates, computed once
         self._windows: dict[bool, np.ndarray] | None = None
 
-    def sample(self, rng: np.random.Generator, foreground: bool) -> tuple[np.ndarray, np.ndarray]:
+    def draw(self, rng: np.random.Generator, foreground: bool) -> tuple[int, ...]:
+        """The start (padded grid) of a patch centred near a foreground voxel, or placed uniformly."""
         shape = self.label.shape
         if foreground and len(self.foreground):
             centre = self.foreground[rng.integers(len(self.foreground))]
-            starts = [int(np.clip(c - p // 2 + rng.integers(-p // 4, p // 4 + 1), 0, s - p))
-                      for c, p, s in zip(centre, self.patch_size, shape)]
-        else:
-            starts = [int(rng.integers(0, s - p + 1)) for s, p in zip(shape, self.patch_size)]
-        index = tuple(slice(st, st + p) for st, p in zip(starts, self.patch_size))
+            return tuple(int(np.clip(c - p // 2 + rng.integers(-p // 4, p // 4 + 1), 0, s - p))
+                         for c, p, s in zip(centre, self.patch_size, shape))
+        return tuple(int(rng.integers(0, s - p + 1)) for s, p in zip(shape, self.patch_size))
+
+    def crop(self, start: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """The image and label patch whose first voxel is `start` on the padded grid."""
+        index = tuple(slice(int(st), int(st) + p) for st, p in zip(start, self.patch_size))
         return self.image[(slice(None), *index)], self.label[index]
+
+    def origin(self, start: tuple[int, ...]) -> tuple[int, ...]:
+        """The patch's first voxel on the case's own (unpadded) grid."""
+        return tuple(int(st) - lo for st, lo in zip(start, self.offset))
+
+    def sample(self, rng: np.random.Generator, foreground: bool) -> tuple[np.ndarray, np.ndarray]:
+        return self.crop(self.draw(rng, foreground))
 
     def windows(self, positive: bool) -> np.ndarray:
         """Flat indices (into the grid of window starts) of the positive or negative windows."""
@@ -97,11 +112,14 @@ class PatchSampler:
             self._windows = {True: np.flatnonzero(counts > 0), False: np.flatnonzero(counts == 0)}
         return self._windows[positive]
 
-    def sample_window(self, rng: np.random.Generator, positive: bool) -> tuple[np.ndarray, np.ndarray]:
-        """A patch at a window position drawn uniformly among the positive (or negative) ones."""
+    def draw_window(self, rng: np.random.Generator, positive: bool) -> tuple[int, ...]:
+        """The start of a window drawn uniformly among the positive (or negative) ones."""
         choices = self.windows(positive)
         if not len(choices):
             raise ValueError(f"this case has no {'positive' if positive else 'negative'} patch windows")
         starts = np.unravel_index(int(choices[rng.integers(len(choices))]), self._start_grid)
-        index = tuple(slice(int(st), int(st) + p) for st, p in zip(starts, self.patch_size))
-        return self.image[(slice(None), *index)], self.label[index]
+        return tuple(int(st) for st in starts)
+
+    def sample_window(self, rng: np.random.Generator, positive: bool) -> tuple[np.ndarray, np.ndarray]:
+        """A patch at a window position drawn uniformly among the positive (or negative) ones."""
+        return self.crop(self.draw_window(rng, positive))

@@ -140,13 +140,14 @@ def save_prior(prior: SpatialPrior, folder: Path) -> None:
     files = []
     for organ in prior.organs:
         name = f"prior_{organ.label}.npy"
-        write_with(folder / name, functools.partial(_save_npy, array=organ.bins))
+        write_with(folder / name, functools.partial(save_npy, array=organ.bins))
         files.append({"name": organ.name, "label": organ.label, "box": list(organ.box), "file": name})
     write_json(folder / META_NAME, {"format": FORMAT, "class_names": list(prior.class_names),
                                     "num_bins": prior.num_bins, "organs": files})
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """`array` to `path` as float32 .npy without pickle (the writer `edgeseg.atomic.write_with` calls)."""
     with open(path, "wb") as fh:
         np.save(fh, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
 

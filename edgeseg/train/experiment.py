@@ -36,14 +36,23 @@ from edgeseg.train.schemes import (
     build_relabeller,
     build_sampler,
     build_training_loss,
-    output_activation,
+    network_activation,
 )
 from edgeseg.train.setup import (
     configure_torch,
+    labelled_train_refs,
     load_data_splits,
     pick_device,
     preprocess_spec,
     resolve_data_root,
+)
+from edgeseg.train.stipple import (
+    RECORD_KEY,
+    PriorPredictor,
+    RunPrior,
+    build_run_prior,
+    load_run_prior,
+    save_run_prior,
 )
 
 
@@ -101,14 +110,15 @@ def train_experiment(cfg: ExperimentConfig, out: Path, *, resume: bool = False, 
         cfg = replace(cfg, data=replace(cfg.data, partial_labels=record))
     spec = preprocess_spec(cfg)
     num_classes = cfg.data.num_classes
-    train_cases = load_cases(splits.get("train"), spec, num_classes, console, "train cases")
+    train_refs = labelled_train_refs(cfg, splits.get("train"))
+    train_cases = load_cases(train_refs, spec, num_classes, console, "train cases")
     val_cases = load_cases(splits.val, spec, num_classes, console, "val cases") if splits.val else []
     _check_dims(train_cases, cfg.data.spatial_dims, str(root))
     metadata = None
     if cfg.data.metadata is not None:  # fitted on the training split once; a resumed run reads the record
         metadata = (recorded_metadata(run.read_info().metadata, cfg, str(run.info_path)) if resume
-                    else fit_metadata(cfg, splits.train, root))
-        attach_metadata(train_cases, splits.train, cfg, root, metadata)
+                    else fit_metadata(cfg, train_refs, root))
+        attach_metadata(train_cases, train_refs, cfg, root, metadata)
         attach_metadata(val_cases, splits.val, cfg, root, metadata)
     in_channels = train_cases[0].image.shape[0]
     sample_cases = train_cases
@@ -124,25 +134,37 @@ def train_experiment(cfg: ExperimentConfig, out: Path, *, resume: bool = False, 
     optimizer = build_optimizer(model.parameters(), cfg.train)
     total = cfg.train.epochs * cfg.train.steps_per_epoch
     scheduler = build_scheduler(optimizer, cfg.train.schedule, total, cfg.train.warmup_epochs * cfg.train.steps_per_epoch)
-    sampler = build_sampler(cfg, sample_cases, patch, cfg.data.spatial_dims, seed=cfg.train.seed)
+    run_prior: RunPrior | None = None
+    if cfg.train.scheme == "stipple":  # built once from the training labels; a resumed run reads it back
+        settings = cfg.train.stipple_settings
+        run_prior = (load_run_prior(out, run.read_info().extra.get(RECORD_KEY), settings) if resume
+                     else build_run_prior(train_cases, cfg.data.class_names, settings))
+    sampler = build_sampler(cfg, sample_cases, patch, cfg.data.spatial_dims, seed=cfg.train.seed, prior=run_prior)
     if not resume and ctx.is_main:
+        extra = {} if run_prior is None else {RECORD_KEY: save_run_prior(run_prior, out)}
         run.write_config(cfg)
         run.write_info(RunInfo(
             spatial_dims=cfg.data.spatial_dims, in_channels=in_channels, class_names=list(cfg.data.class_names),
             patch_size=list(patch), tile_size=list(cfg.data.tile_size), preprocess=spec.to_dict(), data_root=str(root), slice_axis=cfg.data.slice_axis,
             evaluate_background=cfg.data.evaluate_background,
             metadata=None if metadata is None else metadata.to_dict(),
-            modalities=modality_names(cfg, root, in_channels),
+            modalities=modality_names(cfg, root, in_channels), extra=extra,
         ))
     parts = FitParts(model=model, loss_fn=build_training_loss(cfg), optimizer=optimizer, scheduler=scheduler,
                      sampler=sampler, val_cases=val_cases, spec=spec, class_names=cfg.data.class_names,
                      patch_size=patch, tile_size=tuple(cfg.data.tile_size), spatial_dims=cfg.data.spatial_dims, device=device,
                      slice_axis=cfg.data.slice_axis, include_background=cfg.data.evaluate_background,
-                     output_activation=output_activation(cfg),
+                     output_activation=network_activation(cfg),
                      relabel=build_relabeller(cfg, sample_cases, sampler, tuple(cfg.data.tile_size)),
-                     extra_inputs=extra_inputs)
+                     extra_inputs=extra_inputs,
+                     predict=None if run_prior is None else PriorPredictor(run_prior, tuple(cfg.data.tile_size),
+                                                                           extra_inputs))
     console.print(f"training {cfg.model.name} ({sum(p.numel() for p in model.parameters()):,} parameters) on "
                   f"{len(train_cases)} cases, validating on {len(val_cases)}; device {device}; run dir {out}")
+    if run_prior is not None:
+        console.print(f"STIPPLE prior: {run_prior.prior.num_bins} axial bins, boxes "
+                      f"{', '.join(f'{o.name} {list(o.box)}' for o in run_prior.prior.organs)}; reference volume "
+                      f"{run_prior.reference.name} ({out / 'stipple'})")
     schedule = FitSchedule(cfg.train.epochs, cfg.train.steps_per_epoch, cfg.train.batch_size, cfg.train.val_every,
                            cfg.train.max_minutes, cfg.train.amp, balanced_epochs=balanced_epochs(cfg))
     return fit(parts, schedule, run, resume=resume, console=console)
@@ -190,9 +212,16 @@ def evaluate_run(run_dir: Path, *, data: Path | None, split: str, console: Conso
             raise UserError(f"{run_dir} was not trained with data.modalities: no modalities to choose from")
         cases, skipped = keep_modalities(cases, info.modalities, modalities)
 
+    prior_predictor = None
+    if cfg.train.scheme == "stipple":  # the run's own prior, placed on each case by translation (labels unused)
+        run_prior = load_run_prior(run_dir, info.extra.get(RECORD_KEY), cfg.train.stipple_settings)
+        prior_predictor = PriorPredictor(run_prior, tuple(info.tile_size), extra_inputs)
+
     def predict(case: PreparedCase):
+        if prior_predictor is not None:
+            return prior_predictor(model, case, dev)
         return predict_labels(model, case.image, tuple(info.tile_size), dev, info.spatial_dims, info.slice_axis,
-                              activation=output_activation(cfg), inputs=case.model_inputs(extra_inputs))
+                              activation=network_activation(cfg), inputs=case.model_inputs(extra_inputs))
 
     with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task(f"evaluating {split}", total=len(cases))
@@ -204,4 +233,8 @@ def evaluate_run(run_dir: Path, *, data: Path | None, split: str, console: Conso
     if modalities is not None:
         result["modalities"] = list(modalities)
         result["skipped_cases"] = skipped  # none of those modalities on disk
+    if prior_predictor is not None:
+        result["stipple"] = {"prior": str(Path(run_dir) / "stipple"),
+                             "reference_case": prior_predictor.run_prior.reference.name,
+                             "shifts": prior_predictor.shifts}  # each case's placement (voxels from the reference)
     return result

@@ -8,7 +8,9 @@ sharded sampler, validation split over ranks, and files written by rank 0 only. 
 output activation (SoftSeg, INERRANT), the epoch-dependent patch placement of two-step training
 (`edgeseg.train.two_step`), which the loop switches and records in checkpoints and the log, and INERRANT's
 relabelling (`edgeseg.train.inerrant.Relabeller`), run at the start of each relabelling step, its step and
-pseudo-labels saved in checkpoints.
+pseudo-labels saved in checkpoints. STIPPLE (`edgeseg.train.stipple`): batches carry each patch's prior maps p,
+which the loss receives as a third argument; validation predicts through the scheme's own `predict` (the prior
+placed by translation).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -72,6 +74,8 @@ class FitParts:
     output_activation: str = "softmax"  # how validation reads the output: softmax, normalized_relu (SoftSeg), ...
     relabel: Relabeller | None = None  # INERRANT's pseudo-labelling of the sampler's cases
     extra_inputs: tuple[str, ...] = ()  # the model's inputs besides the image, in forward order (FiLM, HeMIS)
+    # a scheme's own whole-volume prediction (model, case, device) -> labels (STIPPLE's prior); None = predict_labels
+    predict: Callable[[torch.nn.Module, PreparedCase, torch.device], np.ndarray] | None = None
 
 
 @dataclass
@@ -103,6 +107,8 @@ def validate(parts: FitParts) -> dict[str, Any]:
     """
 
     def predict(case: PreparedCase) -> np.ndarray:
+        if parts.predict is not None:
+            return parts.predict(parts.model, case, parts.device)
         return predict_labels(parts.model, case.image, parts.tile_size or parts.patch_size, parts.device,
                               parts.spatial_dims, parts.slice_axis, activation=parts.output_activation,
                               inputs=case.model_inputs(parts.extra_inputs))
@@ -241,7 +247,10 @@ def fit(parts: FitParts, schedule: FitSchedule, run: RunDir, *, resume: bool, co
                         extra = [torch.from_numpy(batch.inputs[name]).to(device) for name in parts.extra_inputs]
                         parts.optimizer.zero_grad(set_to_none=True)
                         with _autocast(device, schedule.amp):
-                            loss = parts.loss_fn(net(x, *extra), y)
+                            if batch.prior is None:
+                                loss = parts.loss_fn(net(x, *extra), y)
+                            else:  # STIPPLE: the loss also reads the patches' prior maps
+                                loss = parts.loss_fn(net(x, *extra), y, torch.from_numpy(batch.prior).to(device))
                         loss_value = distributed.mean_over_ranks(loss.detach())  # the global batch's loss
                         if not np.isfinite(loss_value):
                             raise FloatingPointError(f"loss became {loss_value} at epoch {epoch}, step {state['step']}")

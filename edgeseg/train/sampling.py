@@ -22,6 +22,10 @@ modality mask (HeMIS); with `modality_drop` > 0 present modalities are dropped a
 kept, `edgeseg.data.modalities.drop_modalities`) after augmentation, and absent channels, missing or
 dropped, are zero-filled. The drop is the last draw of the sample's own stream, so it changes no other
 draw, and the generator state in checkpoints makes the drops resume exactly.
+
+STIPPLE's spatial prior (`prior_patch`): each sample also carries the prior maps of its case cut at the
+patch's own place (the patch's origin on the case's grid, padding included) and moved by the same spatial
+augmentation as the image (`Compose.apply_spatial`); building it draws nothing, so the stream is unchanged.
 """
 
 from __future__ import annotations
@@ -49,12 +53,13 @@ class Batch:
 
     Reads as the pair (images, labels) (unpacking, indexing, len) for callers that train image-only models.
     Shape: images (B, C, *patch) float32; labels as `BatchSampler` says; inputs name -> (B, ...) float32
-    ("metadata" (B, D), "modality_mask" (B, C)).
+    ("metadata" (B, D), "modality_mask" (B, C)); prior (B, K, *patch) float32.
     """
 
     images: np.ndarray
     labels: np.ndarray
     inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    prior: np.ndarray | None = None  # STIPPLE's prior maps of each patch (B, K, *patch) float32; None without
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return iter((self.images, self.labels))
@@ -83,6 +88,8 @@ class BatchSampler:
     extra_inputs: names of the model's extra inputs ("metadata", "modality_mask") each batch carries, in
     forward order; modality_drop: probability of dropping each present modality of a sample (see the
     module docstring; missing modalities are zero-filled whatever it is).
+    prior_patch(case index, origin) gives the (K, *patch) prior maps of the patch whose first voxel is
+    `origin` on the case's own grid (STIPPLE, `edgeseg.train.stipple`); each batch then carries them.
     Shape: images (B / world_size, C, *patch) float32; labels (B / world_size, *patch) int64, or
     (B / world_size, K, *patch) float32 with num_classes or a label_transform.
     """
@@ -100,6 +107,7 @@ class BatchSampler:
         label_transform: Callable[[np.ndarray, int], np.ndarray] | None = None,
         extra_inputs: Sequence[str] = (),
         modality_drop: float = 0.0,
+        prior_patch: Callable[[int, tuple[int, ...]], np.ndarray] | None = None,
     ):
         labelled = [c for c in cases if c.label is not None]
         if not labelled:
@@ -113,6 +121,9 @@ class BatchSampler:
             raise ValueError("mixup of samples with extra inputs or modality masks is not supported")
         if label_transform is not None and num_classes is not None:
             raise ValueError("label_transform reads class-index labels: leave num_classes None")
+        if prior_patch is not None and mixup_alpha > 0:
+            raise ValueError("mixup of samples with spatial priors is not supported")
+        self.prior_patch = prior_patch
         self.samplers = [PatchSampler(c.image, c.label, patch_size) for c in labelled]
         self.extra_inputs = tuple(extra_inputs)
         self.modality_drop = float(modality_drop)
@@ -171,44 +182,54 @@ class BatchSampler:
         if self.mode != "standard":
             self.set_mode(self.mode)
 
-    def _patch(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
-        """One patch placed as the current mode says, and the index of its case."""
+    def _start(self, rng: np.random.Generator) -> tuple[int, tuple[int, ...]]:
+        """The case index and patch start (padded grid) the current mode draws."""
         if self.mode == "balanced":
             positive = bool(rng.random() < 0.5)
             weights = self._case_weights["positive" if positive else "negative"]
             idx = int(rng.choice(len(weights), p=weights))
-            return (*self.samplers[idx].sample_window(rng, positive), idx)
+            return idx, self.samplers[idx].draw_window(rng, positive)
         if self.mode == "natural":
             weights = self._case_weights["all"]
             idx = int(rng.choice(len(weights), p=weights))
-            return (*self.samplers[idx].sample(rng, foreground=False), idx)
+            return idx, self.samplers[idx].draw(rng, foreground=False)
         want_fg = rng.random() < self.foreground_oversample and bool(self.with_foreground)
         pool = self.with_foreground if want_fg else range(len(self.samplers))
         idx = int(rng.choice(pool))
-        return (*self.samplers[idx].sample(rng, foreground=want_fg), idx)
+        return idx, self.samplers[idx].draw(rng, foreground=want_fg)
 
-    def _augmented(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
-        image, label, idx = self._patch(rng)
+    def _augmented(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
+        """One augmented patch, its case index and (with `prior_patch`) its prior maps moved alike."""
+        idx, start = self._start(rng)
+        image, label = self.samplers[idx].crop(start)
         if self.num_classes is not None:
             label = one_hot(label, self.num_classes)
         image, label = self.augmentation(image, label, rng)
+        prior = None
+        if self.prior_patch is not None:
+            prior = self.augmentation.apply_spatial(self.prior_patch(idx, self.samplers[idx].origin(start)))
         if self.label_transform is not None:
             label = self.label_transform(label, idx)
-        return image, label, idx
+        return image, label, idx, prior
 
-    def sample_with_inputs(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-        """One training sample from its own random stream, with its extra inputs (name -> per-sample array)."""
+    def _draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], np.ndarray | None]:
+        """One training sample from its own random stream: image, label, extra inputs, prior maps (or None)."""
         if self.mixup_alpha > 0:
             lam = mixup_lambda(rng, self.mixup_alpha)
             first, second = self._augmented(rng), self._augmented(rng)
-            return (*mixup(first[:2], second[:2], lam), {})
-        image, label, idx = self._augmented(rng)
+            return (*mixup(first[:2], second[:2], lam), {}, None)
+        image, label, idx, prior = self._augmented(rng)
         mask = drop_modalities(self.present[idx], self.modality_drop, rng)
         image = zero_absent(image, mask)  # missing and dropped channels, after intensity augmentation
         inputs: dict[str, np.ndarray] = {}
         for name in self.extra_inputs:
             inputs[name] = (mask.astype(np.float32) if name == "modality_mask"
                             else np.asarray(self.metadata[idx], dtype=np.float32))
+        return image, label, inputs, prior
+
+    def sample_with_inputs(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """One training sample from its own random stream, with its extra inputs (name -> per-sample array)."""
+        image, label, inputs, _ = self._draw(rng)
         return image, label, inputs
 
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -224,16 +245,20 @@ class BatchSampler:
         keys = self.rng.integers(0, 2**63 - 1, size=batch_size, dtype=np.int64)  # every rank draws all keys
         share = batch_size // self.world_size
         images, labels = [], []
+        priors: list[np.ndarray] = []
         inputs: dict[str, list[np.ndarray]] = {name: [] for name in self.extra_inputs}
         for key in keys[self.rank * share:(self.rank + 1) * share]:
-            image, label, extra = self.sample_with_inputs(np.random.default_rng(int(key)))
+            image, label, extra, prior = self._draw(np.random.default_rng(int(key)))
             images.append(image)
             labels.append(label)
+            if prior is not None:
+                priors.append(prior)
             for name in self.extra_inputs:
                 inputs[name].append(extra[name])
         label_dtype = np.int64 if self.num_classes is None and self.label_transform is None else np.float32
         return Batch(np.stack(images).astype(np.float32), np.stack(labels).astype(label_dtype),
-                     {name: np.stack(values).astype(np.float32) for name, values in inputs.items()})
+                     {name: np.stack(values).astype(np.float32) for name, values in inputs.items()},
+                     np.stack(priors).astype(np.float32) if priors else None)
 
     def get_state(self) -> dict:
         return self.rng.bit_generator.state

@@ -9,7 +9,10 @@ them into the sampler, loss, output activation and relabelling the training loop
 - SoftSeg (Gros et al. 2021): `edgeseg.train.softseg`;
 - partial labels and INERRANT (Petit et al. 2021): `edgeseg.train.inerrant`. Cases that
   `data.partial_labels` marks have their unannotated classes erased from their labels under every
-  scheme (naive training reads them as background); under `inerrant` those classes are unknown instead.
+  scheme (naive training reads them as background); under `inerrant` those classes are unknown instead;
+- STIPPLE's 3D spatial prior (Petit et al. 2021): `edgeseg.train.stipple`; the sampler carries each patch's
+  prior maps, the loop adds ln p to the logits, validation and evaluation place the prior by translation.
+  A bundle cannot carry the prior yet, so `output_activation` refuses the scheme (quantize and export ask it).
 """
 
 from __future__ import annotations
@@ -23,17 +26,31 @@ from torch import nn
 from edgeseg.config import ExperimentConfig
 from edgeseg.data.augment import build_augmentation
 from edgeseg.data.cases import PreparedCase
+from edgeseg.errors import UserError
 from edgeseg.losses import build_loss
 from edgeseg.train.inerrant import Relabeller, RelabelSchedule, apply_partial_labels, partial_targets
 from edgeseg.train.inputs import model_extra_inputs
 from edgeseg.train.sampling import BatchSampler
 from edgeseg.train.softseg import SoftSegLoss
+from edgeseg.train.stipple import CasePriors, PriorDrivenLoss, RunPrior
+
+STIPPLE_REFUSAL = ("train.scheme stipple: the bundle cannot carry the prior yet, so this run cannot be quantized "
+                   "or exported (score it with `edgeseg evaluate`)")
+
+
+def network_activation(cfg: ExperimentConfig) -> str:
+    """How the network's own output becomes per-class values (before any prior): "softmax",
+    "normalized_relu" for SoftSeg, or "sigmoid_multilabel" for INERRANT; STIPPLE's network is a softmax one."""
+    return {"softseg": "normalized_relu", "inerrant": "sigmoid_multilabel"}.get(cfg.train.scheme, "softmax")
 
 
 def output_activation(cfg: ExperimentConfig) -> str:
-    """How the model's output becomes per-class values: "softmax", "normalized_relu" for SoftSeg, or
-    "sigmoid_multilabel" for INERRANT."""
-    return {"softseg": "normalized_relu", "inerrant": "sigmoid_multilabel"}.get(cfg.train.scheme, "softmax")
+    """The whole output rule of a run as a bundle would carry it: `network_activation`, except for STIPPLE,
+    whose output also needs the prior, which a bundle cannot carry yet (UserError: quantize and export read
+    this first)."""
+    if cfg.train.scheme == "stipple":
+        raise UserError(STIPPLE_REFUSAL)
+    return network_activation(cfg)
 
 
 def per_class_labels(cfg: ExperimentConfig) -> bool:
@@ -47,16 +64,22 @@ def balanced_epochs(cfg: ExperimentConfig) -> int | None:
 
 
 def build_training_loss(cfg: ExperimentConfig) -> nn.Module:
-    """The loss `cfg.loss` names; under SoftSeg applied to the normalized-ReLU output."""
+    """The loss `cfg.loss` names; under SoftSeg applied to the normalized-ReLU output, under STIPPLE to the
+    prior-driven logits (its forward then takes the patches' prior maps too)."""
     loss = build_loss(cfg.loss)
+    if cfg.train.scheme == "stipple":
+        settings = cfg.train.stipple_settings
+        return PriorDrivenLoss(loss, settings.coarse_loss_weight, settings.eps)
     return SoftSegLoss(loss) if cfg.train.scheme == "softseg" else loss
 
 
 def build_sampler(cfg: ExperimentConfig, cases: Sequence[PreparedCase], patch: tuple[int, ...], spatial_dims: int,
-                  seed: int) -> BatchSampler:
+                  seed: int, prior: RunPrior | None = None) -> BatchSampler:
     """The training batch sampler with the configured augmentation and label schemes (`data.partial_labels` must
-    be the resolved mapping, see `edgeseg.train.inerrant.resolve_partial_labels`), the model's extra inputs and
-    data.modalities' random modality dropping."""
+    be the resolved mapping, see `edgeseg.train.inerrant.resolve_partial_labels`), the model's extra inputs,
+    data.modalities' random modality dropping and, for STIPPLE, the run's `prior` following every patch."""
+    if (cfg.train.scheme == "stipple") != (prior is not None):
+        raise ValueError("give the run's STIPPLE prior exactly when train.scheme is stipple")
     soft = per_class_labels(cfg)
     augmentation = build_augmentation(cfg.augment, spatial_dims, per_class_labels=soft,
                                       soft_labels=cfg.train.scheme == "softseg")
@@ -70,7 +93,8 @@ def build_sampler(cfg: ExperimentConfig, cases: Sequence[PreparedCase], patch: t
     return BatchSampler(cases, patch, cfg.data.foreground_oversample, augmentation, seed=seed,
                         num_classes=cfg.data.num_classes if soft else None, mixup_alpha=cfg.augment.mixup_alpha,
                         label_transform=transform, extra_inputs=model_extra_inputs(cfg),
-                        modality_drop=0.0 if cfg.data.modalities is None else cfg.data.modalities.drop_prob)
+                        modality_drop=0.0 if cfg.data.modalities is None else cfg.data.modalities.drop_prob,
+                        prior_patch=None if prior is None else CasePriors(prior, cases, patch))
 
 
 def _case_targets(annotated: Sequence[np.ndarray], label: np.ndarray, index: int) -> np.ndarray:

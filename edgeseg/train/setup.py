@@ -70,6 +70,17 @@ def load_data_splits(root: Path, layout: str, splits_file: str | None, seed: int
     return Splits(root, list(splits.get("train", [])), list(splits.get("val", [])), list(splits.get("test", [])))
 
 
+def labelled_train_refs(cfg: ExperimentConfig, refs: Sequence[CaseRef]) -> list[CaseRef]:
+    """The training cases whose labels are used: the first data.labelled_train_cases of the split (the
+    few-labelled-volumes setting), or all of them."""
+    n = cfg.data.labelled_train_cases
+    if n is None:
+        return list(refs)
+    if n > len(refs):
+        raise UserError(f"data.labelled_train_cases is {n} but the training split has only {len(refs)} cases")
+    return list(refs[:n])
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -53,7 +53,7 @@ from edgeseg.train.loop import FitParts, FitSchedule, fit
 from edgeseg.train.optim import build_optimizer, build_scheduler
 from edgeseg.train.rundir import RunDir, RunInfo
 from edgeseg.train.sampling import BatchSampler
-from edgeseg.train.setup import configure_torch, load_data_splits, pick_device
+from edgeseg.train.setup import configure_torch, labelled_train_refs, load_data_splits, pick_device
 
 # Config sections a quantize call may change with --set; the architecture and data preparation
 # are fixed by the parent run (its weights and preprocessing would no longer fit).
@@ -116,7 +116,7 @@ def quantize_run(
     splits = load_data_splits(root, cfg.data.layout, cfg.data.splits, cfg.train.seed)
     pspec = PreprocessSpec.from_dict(info.preprocess)
     num_classes = len(info.class_names)
-    train_cases = load_cases(splits.get("train"), pspec, num_classes, console, "train cases")
+    train_cases = load_cases(labelled_train_refs(cfg, splits.get("train")), pspec, num_classes, console, "train cases")
     val_cases = load_cases(splits.val, pspec, num_classes, console, "val cases") if splits.val else []
     test_cases = load_cases(splits.test, pspec, num_classes, console, "test cases") if splits.test else []
     sample_cases = train_cases

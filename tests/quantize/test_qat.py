@@ -167,3 +167,30 @@ def test_calibration_only_checkpoint_reloads(tmp_path):
     load_weights(tmp_path / "w.safetensors", again)
     x = torch.randn(1, 1, 16, 16)
     assert torch.equal(model.eval()(x), again.eval()(x))
+
+
+def test_qat_trains_only_on_the_labelled_training_cases(tmp_path, monkeypatch):
+    """data.labelled_train_cases (few-label runs) holds for QAT too: only the first N training cases' labels."""
+    import edgeseg.quantize.qat as qat
+    from edgeseg.train.experiment import train_experiment
+
+    float_run = tmp_path / "few"
+    few = ["data.labelled_train_cases=2", "train.epochs=1", "train.steps_per_epoch=1"]
+    train_experiment(load_experiment(None, FLOAT_RUN + few), float_run, console=QUIET)
+
+    seen: dict[str, list[str]] = {}
+
+    class Stop(Exception):
+        pass
+
+    def recording(refs, spec, num_classes, console, what):
+        seen[what] = [r.name for r in refs]
+        if what == "train cases":
+            raise Stop
+        return []
+
+    monkeypatch.setattr(qat, "load_cases", recording)
+    with pytest.raises(Stop):
+        quantize_run(float_run, "4/6", tmp_path / "q", epochs=1, overrides=QUICK_QAT, console=QUIET)
+    train = json.loads((Path(float_run) / "synthetic_data" / "splits.json").read_text())["train"]
+    assert seen["train cases"] == train[:2] and len(train) > 2

@@ -362,13 +362,17 @@ class InerrantConfig:
     `relabel_steps` (T) steps; step t starts by adding as pseudo-labels the top gamma_t = (t / T) * gamma_max
     fraction of each missing class's predicted voxels, ranked by `confidence`. relabel_steps 0: no relabelling.
     ambiguity_map false is the naive baseline with the same K sigmoids and BCE: unannotated classes are read
-    as background (w = 1 everywhere)."""
+    as background (w = 1 everywhere). confidence "max_probability" ranks by p_k; "tcp" by a learned
+    True-Class-Probability head (edgeseg.train.tcp), fitted for `tcp_steps` Adam steps (lr `tcp_lr`) at the
+    start of each relabelling step, the network frozen."""
 
     initial_epochs: int | None = None  # None = half of train.epochs
     relabel_steps: int = 3
     gamma_max: float = 0.5
-    confidence: Literal["max_probability"] = "max_probability"  # the learned TCP confidence is not implemented
+    confidence: Literal["max_probability", "tcp"] = "max_probability"
     ambiguity_map: bool = True
+    tcp_steps: int = 200  # confidence tcp: head training steps per relabelling step
+    tcp_lr: float = 1e-3  # confidence tcp: the head's Adam learning rate
 
     def validate(self) -> None:
         if self.initial_epochs is not None and self.initial_epochs < 1:
@@ -377,6 +381,10 @@ class InerrantConfig:
             raise ValueError(f"inerrant.relabel_steps must be >= 0 (0 = no relabelling), got {self.relabel_steps}")
         if not 0.0 < self.gamma_max <= 1.0:
             raise ValueError(f"inerrant.gamma_max must be within (0, 1], got {self.gamma_max}")
+        if self.tcp_steps < 1:
+            raise ValueError(f"inerrant.tcp_steps must be >= 1, got {self.tcp_steps}")
+        if self.tcp_lr <= 0:
+            raise ValueError(f"inerrant.tcp_lr must be positive, got {self.tcp_lr}")
         if not self.ambiguity_map and self.relabel_steps:
             raise ValueError("inerrant.ambiguity_map false (the naive baseline) has no missing classes to relabel: "
                              "set inerrant.relabel_steps to 0")

@@ -16,10 +16,11 @@ volume does not annotate is unknown there, not background. The scheme (`train.sc
    pseudo-labels, for each missing class of each volume, the top gamma_t = (t / T) * gamma_max fraction of
    the voxels predicted as that class (on voxels the partial label calls background), ranked by
    confidence; then training fine-tunes on them. Pseudo-labels are recomputed from the original partial
-   labels at every step (not accumulated). The confidence is the maximum class probability; the paper's
-   learned True-Class-Probability head is not implemented.
+   labels at every step (not accumulated). The confidence (`train.inerrant.confidence`) is the maximum class
+   probability, or the estimate of a learned True-Class-Probability head (`edgeseg.train.tcp`), fitted at the
+   start of each step with the network frozen.
 
-The step t and its pseudo-labels are saved in the training checkpoint, so a resumed run trains on exactly
+The step t, its pseudo-labels and the TCP head's weights are saved in the training checkpoint, so a resumed run trains on exactly
 the labels the uninterrupted run did. edgeseg's models keep one output channel per class name; channel 0
 (background) is not trained and not read.
 """
@@ -46,6 +47,7 @@ from edgeseg.runtime.bundle import MULTILABEL_BACKGROUND
 from edgeseg.train import distributed
 from edgeseg.train.inference import predict_probabilities
 from edgeseg.train.sampling import BatchSampler
+from edgeseg.train.tcp import TcpConfidence
 
 PartialRecord = dict[str, tuple[str, ...]]  # case name -> annotated foreground class names
 
@@ -198,15 +200,17 @@ class RelabelSchedule:
 
 
 def select_pseudo_labels(probabilities: np.ndarray, label: np.ndarray, annotated: np.ndarray,
-                         gamma: float) -> tuple[np.ndarray, np.ndarray]:
+                         gamma: float, confidence: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Pseudo-labels of one case: for each missing class k, the floor(gamma * n_k) most confident of the n_k voxels
-    that the partial label calls background and the prediction rule assigns to k; confidence = the maximum class
-    probability (p_k there). Ties keep the lower flat index first.
-    Shape: probabilities (C, *S) as `sigmoid_multilabel` gives them, label (*S), annotated (C,) ->
-    (flat voxel indices int64, their classes uint8), in class then confidence order.
+    that the partial label calls background and the prediction rule assigns to k; confidence = `confidence[k]`
+    (e.g. the TCP head's estimate) when given, else the maximum class probability (p_k there). Ties keep the
+    lower flat index first.
+    Shape: probabilities (C, *S) as `sigmoid_multilabel` gives them, label (*S), annotated (C,),
+    confidence (C, *S) or None -> (flat voxel indices int64, their classes uint8), in class then confidence order.
     """
     predicted = probabilities.argmax(axis=0).ravel()
-    confidence = probabilities.max(axis=0).ravel()
+    per_class = None if confidence is None else confidence.reshape(len(confidence), -1)
+    best = probabilities.max(axis=0).ravel()
     unlabelled = label.ravel() == 0
     indices, classes = [], []
     for k in np.flatnonzero(~annotated[1:]) + 1:
@@ -214,7 +218,8 @@ def select_pseudo_labels(probabilities: np.ndarray, label: np.ndarray, annotated
         take = math.floor(gamma * len(candidates) + 1e-9)
         if take <= 0:
             continue
-        order = np.argsort(-confidence[candidates], kind="stable")[:take]
+        score = best[candidates] if per_class is None else per_class[k][candidates]
+        order = np.argsort(-score, kind="stable")[:take]
         indices.append(candidates[order])
         classes.append(np.full(take, k, dtype=np.uint8))
     if not indices:
@@ -229,30 +234,43 @@ class Relabeller:
     the cases each and exchange the results, so every rank's sampler holds the same labels.
 
     `cases` and `annotated` are `apply_partial_labels`' output (labelled cases), in the sampler's case order.
+    `confidence`: the TCP head that ranks the pseudo-labels (fitted at the start of each step, on the sampler's
+    batches of the partial labels alone); None ranks by maximum class probability.
     """
 
     TENSOR = "inerrant/pseudo"  # (3, N) int64 rows: case index, flat voxel index, class
 
     def __init__(self, cases: Sequence[PreparedCase], annotated: Sequence[np.ndarray], sampler: BatchSampler,
-                 schedule: RelabelSchedule, tile: tuple[int, ...]):
+                 schedule: RelabelSchedule, tile: tuple[int, ...], confidence: TcpConfidence | None = None):
         self.cases, self.annotated, self.sampler = list(cases), list(annotated), sampler
         self.schedule, self.tile = schedule, tuple(tile)
+        self.confidence = confidence
         self.partial = [i for i, flags in enumerate(self.annotated) if not flags.all()]
         self.step = 0
         self.pseudo: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def begin_epoch(self, epoch: int, model: torch.nn.Module, device: torch.device, console: Console) -> None:
         """Relabel when `epoch` starts a new step (the model is the one the step starts from)."""
+        if self.confidence is not None:
+            self.confidence.check(model)  # a network without a final 1x1 conv fails at epoch 1, not at step 1
         step = self.schedule.step(epoch)
         if step == self.step:
             return
         gamma = self.schedule.gamma(step)
+        if self.confidence is not None:
+            self._apply(self.step, {})  # the head learns from annotations only, not from the last step's guesses
+            loss = self.confidence.fit(model, self.sampler, device)
+            console.print(f"INERRANT TCP head: {self.confidence.steps} steps, L2 loss {loss:.4f}")
         rank, world = distributed.rank(), distributed.world_size()
         mine = {}
         for i in self.partial[rank::world]:
             image, label = self.cases[i].image, self._label(i)
-            probs = predict_probabilities(model, image, self.tile, device, activation="sigmoid_multilabel")
-            mine[i] = select_pseudo_labels(probs, label, self.annotated[i], gamma)
+            if self.confidence is None:
+                probs = predict_probabilities(model, image, self.tile, device, activation="sigmoid_multilabel")
+                mine[i] = select_pseudo_labels(probs, label, self.annotated[i], gamma)
+            else:
+                probs, confidence = self.confidence.predict(model, image, self.tile, device)
+                mine[i] = select_pseudo_labels(probs, label, self.annotated[i], gamma, confidence)
         found = {i: v for part in distributed.gather_objects(mine) for i, v in part.items()}
         self._apply(step, found)
         console.print(f"INERRANT relabelling step {step}/{self.schedule.steps} (gamma {gamma:.3f}): "
@@ -280,22 +298,31 @@ class Relabeller:
         return int(sum(len(index) for index, _ in self.pseudo.values()))
 
     def log_fields(self) -> dict[str, Any]:
-        return {"relabel_step": self.step, "pseudo_voxels": self.pseudo_voxels()}
+        fields: dict[str, Any] = {"relabel_step": self.step, "pseudo_voxels": self.pseudo_voxels()}
+        if self.confidence is not None:
+            fields["tcp_loss"] = self.confidence.last_loss  # the head's last fit; None before step 1
+        return fields
 
     def _fingerprint(self) -> str:
         names = "\n".join(self.cases[i].name for i in self.partial)
         return hashlib.sha1(names.encode("utf-8")).hexdigest()
 
     def state(self) -> dict[str, Any]:
-        """JSON part of the checkpoint: the step and which cases the pseudo-labels index."""
-        return {"step": self.step, "partial_cases": self._fingerprint()}
+        """JSON part of the checkpoint: the step and which cases the pseudo-labels index (and the TCP head's last
+        loss)."""
+        state: dict[str, Any] = {"step": self.step, "partial_cases": self._fingerprint()}
+        if self.confidence is not None:
+            state["tcp_loss"] = self.confidence.last_loss
+        return state
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Tensor part of the checkpoint: every pseudo-label as (case index, flat voxel index, class)."""
+        """Tensor part of the checkpoint: every pseudo-label as (case index, flat voxel index, class), and the TCP
+        head's weights once it exists."""
         rows = [np.stack([np.full(len(index), i, np.int64), index, classes.astype(np.int64)])
                 for i, (index, classes) in sorted(self.pseudo.items())]
         table = np.concatenate(rows, axis=1) if rows else np.zeros((3, 0), np.int64)
-        return {self.TENSOR: torch.from_numpy(table)}
+        head = {} if self.confidence is None else self.confidence.tensors()
+        return {self.TENSOR: torch.from_numpy(table), **head}
 
     def restore(self, state: Mapping[str, Any] | None, tensors: Mapping[str, torch.Tensor]) -> None:
         """Back to the saved step and pseudo-labels (a checkpoint from before any relabelling restores step 0)."""
@@ -304,6 +331,11 @@ class Relabeller:
         if state.get("partial_cases") != self._fingerprint():
             raise UserError("the checkpoint's INERRANT pseudo-labels were made for other training cases "
                             "(data.partial_labels or the data changed); start a new run")
+        if self.confidence is not None:
+            if not self.confidence.restore(tensors) and int(state["step"]) > 0:
+                raise UserError("the checkpoint has no TCP head (it was trained with train.inerrant.confidence "
+                                "max_probability); resume with that setting or start a new run")
+            self.confidence.last_loss = state.get("tcp_loss")
         table = tensors.get(self.TENSOR, torch.zeros(3, 0, dtype=torch.int64)).numpy()
         pseudo = {int(i): (table[1, table[0] == i], table[2, table[0] == i].astype(np.uint8))
                   for i in np.unique(table[0])}

@@ -33,6 +33,7 @@ from edgeseg.train.inputs import model_extra_inputs
 from edgeseg.train.sampling import BatchSampler
 from edgeseg.train.softseg import SoftSegLoss
 from edgeseg.train.stipple import CasePriors, PriorDrivenLoss, RunPrior
+from edgeseg.train.tcp import build_confidence
 
 STIPPLE_REFUSAL = ("train.scheme stipple: the bundle cannot carry the prior yet, so this run cannot be quantized "
                    "or exported (score it with `edgeseg evaluate`)")
@@ -112,4 +113,5 @@ def build_relabeller(cfg: ExperimentConfig, cases: Sequence[PreparedCase], sampl
     partial, annotated = apply_partial_labels(cases, cfg.data.partial_labels, cfg.data.class_names)
     schedule = RelabelSchedule(cfg.train.epochs, settings.first_epochs(cfg.train.epochs), settings.relabel_steps,
                                settings.gamma_max)
-    return Relabeller(partial, annotated, sampler, schedule, tile)
+    return Relabeller(partial, annotated, sampler, schedule, tile,
+                      confidence=build_confidence(settings, cfg.train.batch_size, cfg.train.seed))

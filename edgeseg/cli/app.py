@@ -53,7 +53,7 @@ def train(
         return
     best = "n/a" if result.best_dice is None else f"{result.best_dice:.4f} (epoch {result.best_epoch})"
     console.print(f"[green]done[/green]: {result.epochs_done} epochs in {result.seconds / 60:.1f} min; "
-                  f"best val Dice {best}; run dir {out}")
+                  f"best val {'keypoint F1' if cfg.train.scheme == 'keypoints' else 'Dice'} {best}; run dir {out}")
 
 
 @app.command()

@@ -240,6 +240,7 @@ LOSS_OPTIONS: dict[str, tuple[str, ...]] = {
     "adaptive_wing": ("wing_omega", "wing_theta", "wing_epsilon", "wing_alpha", "heatmap_activation"),
     "combined": ("terms",),
     "partial_bce": (),
+    "mse": ("heatmap_activation",),  # mean squared error of the heatmap / soft map (keypoints, SoftSeg)
 }
 
 
@@ -265,7 +266,7 @@ class LossConfig:
     wing_theta: float = 0.5
     wing_epsilon: float = 1.0
     wing_alpha: float = 2.1
-    heatmap_activation: Literal["sigmoid", "none"] = "sigmoid"  # adaptive wing: logits -> heatmap
+    heatmap_activation: Literal["sigmoid", "none"] = "sigmoid"  # adaptive wing, mse: logits -> heatmap
     terms: tuple[LossTermConfig, ...] = ()  # combined: the weighted losses to sum
 
     def validate(self) -> None:
@@ -318,7 +319,39 @@ class TwoStepConfig:
             raise ValueError(f"two_step.balanced_epochs must be >= 1, got {self.balanced_epochs}")
 
 
-TrainingScheme = Literal["standard", "softseg", "inerrant", "stipple"]
+TrainingScheme = Literal["standard", "softseg", "inerrant", "stipple", "keypoints"]
+
+
+# --- keypoint detection (train.scheme keypoints; edgeseg.train.keypoints) ---------------------------------------
+HEATMAP_LOSSES = ("adaptive_wing", "mse")  # regression losses the keypoint scheme trains its heatmaps with
+
+
+@dataclass(frozen=True)
+class KeypointConfig:
+    """Keypoint detection (Count-ception, Cohen et al. 2017, as ivadomed trains it) for train.scheme keypoints.
+
+    Label volumes hold one voxel per keypoint whose value is its class (class_names[k]; 0 elsewhere). The network
+    regresses one Gaussian heatmap per class (sigmoid of its channel k; `sigma_mm`), rendered after spatial
+    augmentation from the moved points; channel 0 (background) has a zero target and is never decoded. Decoding:
+    per class, the local maxima >= `threshold`, at least `radius_mm` apart, the `max_per_class` best (null: all).
+    A decoded keypoint within `match_mm` of a reference keypoint of its class (one-to-one matching) is a true
+    positive; validation keeps the checkpoint of best mean F1 (`edgeseg.metrics.keypoints`)."""
+
+    sigma_mm: float = 2.0
+    radius_mm: float = 4.0
+    threshold: float = 0.5
+    max_per_class: int | None = None
+    match_mm: float = 5.0
+
+    def validate(self) -> None:
+        for name in ("sigma_mm", "radius_mm", "match_mm"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"keypoints.{name} must be positive (mm), got {getattr(self, name)}")
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"keypoints.threshold must be within (0, 1], got {self.threshold}")
+        if self.max_per_class is not None and self.max_per_class < 1:
+            raise ValueError(f"keypoints.max_per_class must be >= 1 (null = every peak), got {self.max_per_class}")
+# --- end keypoint detection --------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -418,6 +451,7 @@ class TrainConfig:
     inerrant: InerrantConfig | None = None  # settings of train.scheme inerrant; None = the defaults
     # "stipple" (Petit et al. 2021): a 3D spatial prior from the training labels, added to the logits as ln p
     stipple: StippleConfig | None = None  # settings of train.scheme stipple; None = the defaults
+    keypoints: KeypointConfig | None = None  # settings of train.scheme keypoints; None = the defaults
 
     def validate(self) -> None:
         if self.epochs < 1 or self.steps_per_epoch < 1 or self.batch_size < 1:
@@ -432,6 +466,9 @@ class TrainConfig:
         if self.scheme != "inerrant" and self.inerrant is not None:
             raise ValueError(f"train.inerrant only applies to train.scheme inerrant (the scheme is '{self.scheme}'; "
                              "--set train.inerrant=null drops it)")
+        if self.scheme != "keypoints" and self.keypoints is not None:
+            raise ValueError(f"train.keypoints only applies to train.scheme keypoints (the scheme is '{self.scheme}'; "
+                             "--set train.keypoints=null drops it)")
         if self.scheme != "stipple" and self.stipple is not None:
             raise ValueError(f"train.stipple only applies to train.scheme stipple (the scheme is '{self.scheme}'; "
                              "--set train.stipple=null drops it)")
@@ -444,6 +481,11 @@ class TrainConfig:
     def inerrant_settings(self) -> InerrantConfig:
         """train.inerrant, or its defaults when not given."""
         return self.inerrant or InerrantConfig()
+
+    @property
+    def keypoints_settings(self) -> KeypointConfig:
+        """train.keypoints, or its defaults when not given."""
+        return self.keypoints or KeypointConfig()
 
     @property
     def stipple_settings(self) -> StippleConfig:
@@ -480,10 +522,10 @@ class ExperimentConfig:
         """Rules that span sections (each section validated itself first)."""
         if self.train.scheme == "softseg":
             terms = self.loss.terms if self.loss.name == "combined" else (self.loss,)
-            if not all(t.name == "adaptive_wing" and t.heatmap_activation == "none" for t in terms):
+            if not all(t.name in HEATMAP_LOSSES and t.heatmap_activation == "none" for t in terms):
                 raise ValueError(
                     "train.scheme 'softseg' trains a regression of the normalized-ReLU output on soft labels: "
-                    "set loss {name: adaptive_wing, heatmap_activation: none} (Gros et al. 2021)")
+                    "set loss {name: adaptive_wing, heatmap_activation: none} (Gros et al. 2021; or name: mse)")
         terms = self.loss.terms if self.loss.name == "combined" else (self.loss,)
         inerrant = self.train.scheme == "inerrant"
         if inerrant and self.loss.name != "partial_bce":
@@ -504,6 +546,18 @@ class ExperimentConfig:
             if self.data.partial_labels is not None:
                 raise ValueError("train.scheme 'stipple' builds its prior from fully labelled volumes: "
                                  "data.partial_labels is not supported with it")
+        if self.train.scheme == "keypoints":  # --- keypoint detection (edgeseg.train.keypoints) ---
+            if not all(t.name in HEATMAP_LOSSES and t.heatmap_activation == "sigmoid" for t in terms):
+                raise ValueError("train.scheme 'keypoints' regresses sigmoid heatmaps: set loss {name: adaptive_wing} "
+                                 "(Wang et al. 2019) or {name: mse}, with heatmap_activation sigmoid")
+            if self.augment.mixup_alpha > 0 or self.augment.soft_dilation_factor > 0:
+                raise ValueError("train.scheme 'keypoints' renders heatmaps from keypoints: set augment.mixup_alpha "
+                                 "and augment.soft_dilation_factor to 0")
+            if self.data.partial_labels is not None:
+                raise ValueError("train.scheme 'keypoints' does not support data.partial_labels")
+            if self.data.target_spacing is not None:
+                raise ValueError("train.scheme 'keypoints': keypoint labels are single voxels, which resampling would "
+                                 "drop or duplicate; set data.target_spacing to null (the native spacing)")
 
     def data_root(self, base: Path | None = None) -> Path | None:
         """The data folder resolved against `base` (the config file's folder); None for synthetic."""

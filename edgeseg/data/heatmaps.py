@@ -14,6 +14,11 @@ channel (scipy.ndimage.maximum_filter over a ball of `radius_mm`) that reach a t
 greedy non-maximum suppression within the same radius.
 
 Positions are voxel indices (array axes, floats allowed for sub-voxel positions in coordinate lists).
+Training renders its targets after spatial augmentation from the moved points (`move_keypoints` replays
+an augmentation's recorded flips, 90-degree rotations and affine on them), so a flipped or rotated patch
+gets the heatmap of its own keypoints at sub-voxel precision, never a resampled single-voxel label.
+`KeypointDecoding` + `decode_keypoints` are the one decoding rule training, evaluation and the device
+runtime share; `world_positions` maps voxel positions to scanner coordinates (mm) through an affine.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from edgeseg.data.augment import SPATIAL_TRANSFORMS
 from edgeseg.errors import UserError
 
 
@@ -205,11 +211,111 @@ def keypoints_from_heatmaps(heatmaps: np.ndarray, spacing: Sequence[float], *, r
     return found
 
 
+# ------------------------------------------------------------------------------------ augmentation of points
+
+
+def move_keypoints(keypoints: Iterable[Keypoint], history: Sequence[tuple[str, dict]], shape: Sequence[int],
+                   spacing: Sequence[float]) -> tuple[list[Keypoint], tuple[int, ...], tuple[float, ...]]:
+    """Keypoints of a patch moved as `edgeseg.data.augment.Compose` moved the patch (its `history`).
+
+    Replays, in order, the spatial transforms the augmentation recorded, on points (sub-voxel exact):
+    - "flip" {"axes"}: p_a -> n_a - 1 - p_a;
+    - "rot90" {"k"}: numpy's rot90 in the plane of spatial axes 0 and 1 (only when that plane is square,
+      as `RandomRot90` does): each quarter turn takes (p0, p1) to (n1 - 1 - p1, p0) and swaps the spacing of
+      the two axes;
+    - "affine" {"matrix" M}: `ndimage.affine_transform` samples output voxel o at input M o + offset, with
+      offset = c - M c (c the patch centre), so input point p lands at o = M^-1 (p - c) + c (voxel space,
+      the spacing unchanged).
+    Intensity transforms leave points alone. Points may leave the patch: their Gaussian tails still reach it.
+    Returns the moved keypoints, the patch shape and the voxel spacing after the transforms.
+    """
+    shape = tuple(int(n) for n in shape)
+    step = tuple(float(s) for s in _spacing(spacing, len(shape)))
+    keypoints = list(keypoints)
+    points = [np.asarray(p.position, dtype=np.float64) for p in keypoints]
+    labels = [(p.label, p.score) for p in keypoints]
+    for name, params in history:
+        if name not in SPATIAL_TRANSFORMS:
+            continue
+        if name == "flip":
+            for axis in params["axes"]:
+                for p in points:
+                    p[axis] = shape[axis] - 1 - p[axis]
+        elif name == "rot90":
+            if len(shape) < 2 or shape[0] != shape[1]:
+                continue  # RandomRot90 leaves non-square planes as they are
+            for _ in range(int(params["k"]) % 4):
+                for p in points:
+                    p[0], p[1] = shape[1] - 1 - p[1], p[0]
+                step = (step[1], step[0], *step[2:])
+        elif name == "affine":
+            if params["matrix"] is None:
+                continue
+            inverse = np.linalg.inv(np.asarray(params["matrix"], dtype=np.float64))
+            centre = (np.asarray(shape, dtype=np.float64) - 1) / 2.0
+            points = [inverse @ (p - centre) + centre for p in points]
+        else:  # a new spatial transform: points must learn it first
+            raise NotImplementedError(f"keypoints cannot follow the spatial transform '{name}' yet")
+    moved = [Keypoint(label, tuple(float(v) for v in p), score) for (label, score), p in zip(labels, points)]
+    return moved, shape, step
+
+
+# ------------------------------------------------------------------------------------ decoding, world coordinates
+
+
+@dataclass(frozen=True)
+class KeypointDecoding:
+    """How heatmaps become keypoints (`keypoints_from_heatmaps`): peaks >= threshold, radius_mm apart, at most
+    max_per_class per class (None: all). Recorded in bundles so the device runtime decodes as evaluation does."""
+
+    radius_mm: float = 4.0
+    threshold: float = 0.5
+    max_per_class: int | None = None
+
+    def __post_init__(self) -> None:
+        _positive(self.radius_mm, "radius_mm")
+        if not (math.isfinite(self.threshold) and 0.0 < self.threshold <= 1.0):
+            raise UserError(f"keypoint threshold must be within (0, 1], got {self.threshold}")
+        if self.max_per_class is not None and self.max_per_class < 1:
+            raise UserError(f"max_per_class must be >= 1 (or null for all), got {self.max_per_class}")
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        return {"radius_mm": float(self.radius_mm), "threshold": float(self.threshold),
+                "max_per_class": self.max_per_class}
+
+
+def decode_keypoints(heatmaps: np.ndarray, spacing: Sequence[float], labels: Sequence[int],
+                     decoding: KeypointDecoding) -> list[Keypoint]:
+    """`keypoints_from_heatmaps` with a KeypointDecoding; channel k of heatmaps (C, *S) is class labels[k]."""
+    return keypoints_from_heatmaps(heatmaps, spacing, radius_mm=decoding.radius_mm, threshold=decoding.threshold,
+                                   labels=labels, max_per_class=decoding.max_per_class)
+
+
+def world_positions(positions: np.ndarray | Sequence[Sequence[float]], affine: np.ndarray) -> np.ndarray:
+    """Voxel positions (N, d) on a grid whose voxel-to-world affine is (4, 4) -> world coordinates (N, 3) in mm.
+
+    A 2D grid uses the affine's first two columns (its third voxel index is 0).
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    points = np.asarray(positions, dtype=np.float64)
+    if points.size == 0:
+        return np.zeros((0, 3))
+    points = points.reshape(len(points), -1)
+    d = points.shape[1]
+    if affine.shape != (4, 4) or not 1 <= d <= 3:
+        raise UserError(f"world_positions needs a (4, 4) affine and 1..3 voxel coordinates, got {affine.shape}, {d}")
+    return points @ affine[:3, :d].T + affine[:3, 3]
+
+
 __all__ = [
     "Keypoint",
+    "KeypointDecoding",
+    "decode_keypoints",
     "gaussian_heatmaps",
     "heatmaps_from_label_volume",
     "keypoints_from_heatmaps",
     "keypoints_from_label_volume",
     "label_volume_from_keypoints",
+    "move_keypoints",
+    "world_positions",
 ]

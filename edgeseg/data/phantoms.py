@@ -18,6 +18,11 @@ above unchanged draw for draw):
   so the modalities complement each other (with 2 classes it shows class 1 at half contrast).
   `write_phantom_dataset(modalities=M, missing=p)` writes the MSD layout and leaves out each modality
   file with probability p (every case keeps at least one).
+
+Keypoint phantoms (`make_keypoint_phantom`, `write_keypoint_phantom_dataset`; Count-ception's keypoint scheme):
+one keypoint of every foreground class per image, the centre of a Gaussian blob whose size and brightness tell
+the class (class 1 the smallest and brightest), on a smooth bias field with noise; the label is 0 except at each
+keypoint's voxel, which holds its class (`edgeseg.data.heatmaps`).
 """
 
 from __future__ import annotations
@@ -186,6 +191,65 @@ def write_phantom_dataset(
             "labels": {str(k): ("background" if k == 0 else f"class{k}") for k in range(num_classes)},
             "numTraining": n_cases, "file_ending": suffix})
     write_json(root / "splits.json", {"unit": "synthetic phantom case", **split_names(names, seed)})
+    return root
+
+
+def make_keypoint_phantom(shape: Sequence[int], num_classes: int = 3, seed: int = 0,
+                          noise: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """One keypoint phantom (module docstring): classes 1..K-1 once each, at integer positions at least
+    `margin` voxels inside the image and at least 4 blob widths apart; class k's blob has width
+    sigma_k = 1.5 + (k - 1) voxels and peak 1.0 - 0.4 (k - 1) / max(K - 2, 1) above the background 0.1.
+    Shape: image (1, *shape) float32, label (*shape) uint8 with exactly one voxel of each class.
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) not in (2, 3) or min(shape) < 16:
+        raise UserError(f"keypoint phantom shape {list(shape)} must have 2 or 3 axes of at least 16 voxels")
+    if not 2 <= num_classes <= 8:
+        raise UserError(f"keypoint phantom num_classes {num_classes} must be within 2..8")
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"), axis=-1)
+    size = np.array(shape, dtype=np.float64)
+    widths = [1.5 + (k - 1) for k in range(1, num_classes)]
+    peaks = [1.0 - 0.4 * (k - 1) / max(num_classes - 2, 1) for k in range(1, num_classes)]
+    margin = 4
+    for _ in range(200):
+        centres = [rng.integers(margin, np.array(shape) - margin) for _ in widths]
+        apart = all(np.linalg.norm(a - b) >= 4 * max(wa, wb) for i, (a, wa) in enumerate(zip(centres, widths))
+                    for b, wb in zip(centres[i + 1:], widths[i + 1:]))
+        if apart:
+            break
+    else:  # pragma: no cover - a tiny shape with many classes
+        raise UserError(f"keypoint phantom shape {list(shape)} is too small for {num_classes - 1} keypoints")
+    image = np.full(shape, 0.1)
+    label = np.zeros(shape, dtype=np.uint8)
+    for k, (centre, width, peak) in enumerate(zip(centres, widths, peaks), start=1):
+        image += peak * np.exp(-((grid - centre) ** 2).sum(-1) / (2.0 * width**2))
+        label[tuple(centre)] = k
+    image *= _bias_field(rng, grid, size)
+    image += rng.normal(0.0, noise, size=shape)
+    return image[None].astype(np.float32), label
+
+
+def write_keypoint_phantom_dataset(root: Path, n_cases: int, shape: Sequence[int], seed: int,
+                                   num_classes: int = 3) -> Path:
+    """Write keypoint phantoms (`make_keypoint_phantom`) in the "pairs" layout with splits.json; returns `root`.
+
+    2D shapes give PNG (images scaled to 8 bits over [-0.5, 1.5]), 3D shapes NIfTI (1 mm, identity affine), as
+    `write_phantom_dataset`; case i uses seed (seed, i); the split is `split_names(names, seed)` (70/15/15).
+    """
+    root = Path(root)
+    if n_cases < 1:
+        raise UserError(f"phantom dataset needs at least one case, got {n_cases}")
+    suffix = ".png" if len(tuple(shape)) == 2 else ".nii.gz"
+    names = []
+    for i in range(n_cases):
+        case_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+        image, label = make_keypoint_phantom(shape, num_classes=num_classes, seed=case_seed)
+        name = f"keypoints_{i:03d}{suffix}"
+        _save_image(root / "images" / name, image[0])
+        _save_image(root / "labels" / name, label, label=True)
+        names.append(name)
+    write_json(root / "splits.json", {"unit": "synthetic keypoint phantom case", **split_names(names, seed)})
     return root
 
 

@@ -78,6 +78,7 @@ class BundleInfo:
     output_kind: str = "logits"  # "normalized_relu" for SoftSeg runs, "sigmoid_multilabel" for INERRANT runs
     metadata: dict[str, Any] | None = None  # FiLM: RunInfo.metadata (fields, method, mean, std) [+ table, case_column]
     modalities: list[str] | None = None  # HeMIS: RunInfo.modalities (one name per image channel)
+    keypoints: dict[str, Any] | None = None  # keypoint runs (output_kind "heatmap"): decoding + sigma_mm, match_mm
 
 
 @dataclass
@@ -393,7 +394,7 @@ def export_model(model: nn.Module, info: BundleInfo, *, seed: int = 0) -> Export
         bits={"nominal": info.bits, "weights_at_rest": at_rest, "deployed": deployed,
               "weight_bit_widths": sorted(set(bit_widths.values())) or [32]},
         mc_sites=list(sites), sizes=sizes, parity=acc.parity, source=dict(info.source), edgeseg_version=__version__,
-        metadata=meta_spec, modalities=modality_spec,
+        metadata=meta_spec, modalities=modality_spec, keypoints=info.keypoints,
         schema_version=EXTRA_INPUTS_SCHEMA_VERSION if extra_names else BASE_SCHEMA_VERSION,
     )
     w = sizes["weights"]
@@ -472,12 +473,17 @@ def verify_bundle(path: Path, result: ExportResult) -> list[str]:
 def _load_run(run_dir: Path) -> tuple[nn.Module, BundleInfo]:
     from edgeseg.nets import require_capability
     from edgeseg.train.rundir import RunDir
-    from edgeseg.train.schemes import output_activation
+    from edgeseg.train.schemes import bundle_output_kind
 
     cfg = RunDir(run_dir).read_config()
     require_capability(cfg.model.name, "exportable", "exported")
-    activation = output_activation(cfg)  # the runtime reads the model's output as the run was trained to
-    output_kind = activation if activation in ("normalized_relu", "sigmoid_multilabel") else "logits"
+    output_kind = bundle_output_kind(cfg)  # the runtime reads the model's output as the run was trained to
+    keypoints = None
+    if cfg.train.scheme == "keypoints":  # the runtime decodes heatmaps as evaluation does
+        from edgeseg.train.keypoints import decoding
+
+        settings = cfg.train.keypoints_settings
+        keypoints = {**decoding(settings).to_dict(), "sigma_mm": settings.sigma_mm, "match_mm": settings.match_mm}
     info = RunDir(run_dir).read_info()
     if info.parent_run is not None:
         from edgeseg.quantize.qat import load_quant_model
@@ -507,6 +513,7 @@ def _load_run(run_dir: Path) -> tuple[nn.Module, BundleInfo]:
         source={"run_dir": str(Path(run_dir).resolve()), "parent_run": info.parent_run,
                 "trained_with": info.edgeseg_version},
         output_kind=output_kind, metadata=metadata, modalities=None if info.modalities is None else list(info.modalities),
+        keypoints=keypoints,
     )
 
 

@@ -16,6 +16,7 @@ from edgeseg.losses.combined import CombinedLoss
 from edgeseg.losses.cross_entropy import CrossEntropyLoss, DiceCELoss
 from edgeseg.losses.dice import DiceLoss, GeneralizedDiceLoss
 from edgeseg.losses.focal import FocalDiceLoss, FocalLoss
+from edgeseg.losses.mse import MSELoss
 from edgeseg.losses.partial import PartialLabelBCELoss
 from edgeseg.losses.wing import AdaptiveWingLoss
 
@@ -51,6 +52,8 @@ _LOSSES: dict[str, tuple[Callable[[LossConfig], nn.Module], str]] = {
                                    c.heatmap_activation),
         "adaptive wing for heatmap regression (Wang 2019)",
     ),
+    "mse": (lambda c: MSELoss(c.heatmap_activation),
+            "mean squared error of heatmaps or soft maps (keypoints, SoftSeg)"),
     "combined": (_combined, "weighted sum of the losses in loss.terms"),
     "partial_bce": (
         lambda c: PartialLabelBCELoss(),

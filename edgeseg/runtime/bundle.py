@@ -37,7 +37,7 @@ MANIFEST = "manifest.json"
 ARCHIVE_SUFFIX = ".zip"
 BACKENDS = ("onnxruntime", "tensorrt", "any")
 PRECISIONS = ("fp32", "fp16", "int8")
-OUTPUT_KINDS = ("logits", "probabilities", "sigmoid", "normalized_relu", "sigmoid_multilabel")
+OUTPUT_KINDS = ("logits", "probabilities", "sigmoid", "normalized_relu", "sigmoid_multilabel", "heatmap")
 # "sigmoid": one logit channel of a binary model (ivadomed's and many MONAI models' output), read as
 # class_names [background, foreground] with p(foreground) = sigmoid(logit).
 # "normalized_relu": one raw score channel per class of a SoftSeg model (Gros et al. 2021); the runtime
@@ -47,6 +47,9 @@ OUTPUT_KINDS = ("logits", "probabilities", "sigmoid", "normalized_relu", "sigmoi
 # 1..K are independent sigmoids, channel 0 is not used. The runtime serves [MULTILABEL_BACKGROUND,
 # sigmoid(s_1), ..., sigmoid(s_K)], whose argmax is INERRANT's rule: the class of maximum probability,
 # background when every class probability is below 0.5 (`pipeline.sigmoid_multilabel`).
+# "heatmap": one logit channel per class name of a keypoint model (train.scheme keypoints, Count-ception): channels
+# 1..K are sigmoid heatmaps, channel 0 is not used (served as 0). `edgeseg segment` writes the heatmaps and the
+# decoded keypoints (`edgeseg.runtime.keypoints`), decoding as the manifest's `keypoints` section says.
 MULTILABEL_BACKGROUND = float(np.nextafter(np.float32(0.5), np.float32(0.0)))  # the largest float32 below 0.5
 
 
@@ -151,6 +154,9 @@ class Manifest:
     source: dict[str, Any] = field(default_factory=dict)
     metadata: MetadataInput | None = None  # FiLM: per-case metadata input (schema version 2)
     modalities: ModalityInput | None = None  # HeMIS: modality-mask input (schema version 2)
+    # output_kind "heatmap": how to decode keypoints {radius_mm, threshold, max_per_class} (+ sigma_mm, match_mm
+    # as trained); None = the defaults of edgeseg.data.heatmaps.KeypointDecoding
+    keypoints: dict[str, Any] | None = None
     schema_version: int = BASE_SCHEMA_VERSION
     edgeseg_version: str = __version__
     format: str = FORMAT
@@ -178,7 +184,7 @@ class Manifest:
         # Keep the identifying fields first for people reading the file.
         head = {k: data.pop(k) for k in ("format", "schema_version", "edgeseg_version")}
         data["mc_dropout"] = {"available": self.mc_available, "sites": data.pop("mc_sites")}
-        for key in ("metadata", "modalities"):  # schema version 1 bundles stay as they were
+        for key in ("metadata", "modalities", "keypoints"):  # schema version 1 bundles stay as they were
             if data[key] is None:
                 del data[key]
         return {**head, **data}
@@ -373,7 +379,8 @@ def _parse_manifest(data: Any, source: str) -> Manifest:
         training=dict(_get(data, "training", dict, source, {})), bits=dict(_get(data, "bits", dict, source, {})),
         mc_sites=sites, sizes=dict(_get(data, "sizes", dict, source, {})),
         parity=dict(_get(data, "parity", dict, source, {})), source=dict(_get(data, "source", dict, source, {})),
-        metadata=metadata, modalities=modalities, schema_version=version, edgeseg_version=_get(data, "edgeseg_version", str, source), format=FORMAT,
+        metadata=metadata, modalities=modalities, keypoints=_parse_keypoints(data, source, output_kind),
+        schema_version=version, edgeseg_version=_get(data, "edgeseg_version", str, source), format=FORMAT,
     )
 
 
@@ -433,6 +440,23 @@ def _parse_modalities(data: Mapping[str, Any], source: str, version: int, in_cha
         raise UserError(f"{where}.names lists {len(names)} modalities but in_channels is {in_channels} "
                         "(one image channel per modality)")
     return ModalityInput(input=_input_name(section, where, "modality_mask"), names=names)
+
+
+def _parse_keypoints(data: Mapping[str, Any], source: str, output_kind: str) -> dict[str, Any] | None:
+    """The `keypoints` section (output_kind "heatmap" only): its decoding must build a KeypointDecoding."""
+    section = _get(data, "keypoints", (dict, type(None)), source, None)
+    if section is None:
+        return None
+    if output_kind != "heatmap":
+        raise UserError(f"{source}: field 'keypoints' is for output_kind 'heatmap', not {output_kind!r}")
+    from edgeseg.data.heatmaps import KeypointDecoding
+
+    known = ("radius_mm", "threshold", "max_per_class")
+    try:
+        KeypointDecoding(**{k: section[k] for k in known if k in section})
+    except (UserError, TypeError) as exc:
+        raise UserError(f"{source}: keypoints: {exc}") from None
+    return dict(section)
 
 
 def _check_preprocess(preprocess: dict[str, Any], source: str) -> None:

@@ -83,6 +83,9 @@ def evaluate_bundle(
         raise unknown_name("split", split, SPLIT_CHOICES)
     bundle = load_bundle(bundle_path)
     manifest = bundle.manifest
+    if manifest.output_kind == "heatmap":  # Dice of an argmax over heatmaps would be a meaningless number
+        raise UserError(f"{bundle_path} is a keypoint (heatmap) bundle: score its run directory with `edgeseg "
+                        "evaluate RUN_DIR` (keypoint metrics); `edgeseg segment` writes its keypoints")
     batch = manifest.batch if batch_size is None else batch_size
     if tta_axes is None and tta:
         tta_axes = list(range(manifest.spatial_dims))

@@ -28,6 +28,9 @@ TTA flip and MC pass (`model_predictor`).
 Labels are the argmax of the mean probability on the model's grid, mapped back nearest-neighbour
 (as `edgeseg evaluate` scores runs, so bundle and run evaluation agree); probabilities and the
 entropy map are mapped back linearly. Output labels are class indices (0 = class_names[0]).
+
+Keypoint bundles (output_kind "heatmap"): the mean heatmaps are the output, written as a float NIfTI with the
+decoded keypoints as JSON beside it (`edgeseg.runtime.keypoints`); no label mask, no uncertainty outputs.
 """
 
 from __future__ import annotations
@@ -180,6 +183,14 @@ def sigmoid_multilabel(scores: np.ndarray) -> np.ndarray:
     return out
 
 
+def heatmaps(scores: np.ndarray) -> np.ndarray:
+    """Keypoint heatmaps (output_kind "heatmap"), as `edgeseg.train.keypoints.heatmap_activation` computes them in
+    training: sigmoid of channels 1..K, channel 0 (unused) set to 0. Shape: (B, C, *T) -> (B, C, *T) float32."""
+    out = expit(scores.astype(np.float32, copy=False)).astype(np.float32, copy=False)
+    out[:, 0] = np.float32(0.0)
+    return out
+
+
 def model_predictor(backend: Backend, manifest: Manifest, sampling: Sampling, *, keep_samples: bool,
                     batch_size: int | None = None, inputs: dict[str, np.ndarray] | None = None) -> Predictor:
     """Tile batch -> class probabilities under every sample, or their mean (for output_kind
@@ -216,6 +227,8 @@ def model_predictor(backend: Backend, manifest: Manifest, sampling: Sampling, *,
             out = normalized_relu(out)
         elif manifest.output_kind == "sigmoid_multilabel":
             out = sigmoid_multilabel(out)
+        elif manifest.output_kind == "heatmap":
+            out = heatmaps(out)
         return out.astype(np.float32, copy=False)
 
     average = not keep_samples and sampling.num_samples > 1
@@ -475,13 +488,15 @@ class InputCase:
 
 @dataclass(frozen=True)
 class OutputPaths:
-    mask: Path
+    mask: Path  # keypoint bundles: the heatmaps (NIfTI)
     probabilities: Path | None = None
     uncertainty: Path | None = None
     summary: Path | None = None
+    keypoints: Path | None = None  # keypoint bundles: the decoded keypoints (JSON)
 
     def all(self) -> list[Path]:
-        return [p for p in (self.mask, self.probabilities, self.uncertainty, self.summary) if p is not None]
+        return [p for p in (self.mask, self.probabilities, self.uncertainty, self.summary, self.keypoints)
+                if p is not None]
 
 
 @dataclass
@@ -569,10 +584,13 @@ def _group_channels(files: list[Path], in_channels: int, partial: bool = False,
 
 
 def output_paths(case: InputCase, out_dir: Path, *, probabilities: bool = False,
-                 uncertainty: bool = False) -> OutputPaths:
-    """OUTDIR/<input name> for the mask (same format), NIfTI maps and a JSON summary beside it."""
+                 uncertainty: bool = False, keypoints: bool = False) -> OutputPaths:
+    """OUTDIR/<input name> for the mask (same format), NIfTI maps and a JSON summary beside it; for keypoint
+    bundles OUTDIR/<stem>_heatmaps.nii.gz and OUTDIR/<stem>_keypoints.json instead."""
     stem = strip_suffix(case.name)
     out_dir = Path(out_dir)
+    if keypoints:
+        return OutputPaths(mask=out_dir / f"{stem}_heatmaps.nii.gz", keypoints=out_dir / f"{stem}_keypoints.json")
     return OutputPaths(
         mask=out_dir / case.name,
         probabilities=out_dir / f"{stem}_probabilities.nii.gz" if probabilities else None,
@@ -612,6 +630,7 @@ class SegmentOptions:
     metadata: tuple[tuple[str, float], ...] = ()  # --metadata values, for every case (FiLM bundles)
     metadata_table: str | None = None  # --metadata-table (FiLM bundles; default: each case's JSON sidecar)
     modalities: tuple[str, ...] | None = None  # --modalities: only these count as present (HeMIS bundles)
+    keypoints: bool = False  # a keypoint bundle (output_kind "heatmap"): heatmaps + keypoints JSON per case
 
 
 def segment_options(manifest: Manifest, *, tta: bool = False, tta_axes: Sequence[int] | None = None,
@@ -622,6 +641,11 @@ def segment_options(manifest: Manifest, *, tta: bool = False, tta_axes: Sequence
                     modalities: Sequence[str] | None = None) -> SegmentOptions:
     """`segment_files`' options with defaults filled in from the bundle, checked (UserError) before any work."""
     check_input_options(manifest, metadata, metadata_table, modalities)
+    keypoints = manifest.output_kind == "heatmap"
+    if keypoints and (uncertainty or iou_threshold is not None):
+        raise UserError("this keypoint bundle writes heatmaps and keypoints: --uncertainty and --iou-threshold are "
+                        "for segmentation bundles")
+    probabilities = probabilities or keypoints  # a keypoint bundle's heatmaps are its output
     batch = manifest.batch if batch_size is None else batch_size
     if tta_axes is None and tta:
         tta_axes = list(range(manifest.spatial_dims))
@@ -633,7 +657,7 @@ def segment_options(manifest: Manifest, *, tta: bool = False, tta_axes: Sequence
                           blend=blend, tile=tuple(checked), iou_threshold=iou_threshold, seed=seed,
                           metadata=tuple((k, float(v)) for k, v in (metadata or {}).items()),
                           metadata_table=None if metadata_table is None else str(metadata_table),
-                          modalities=None if modalities is None else tuple(modalities))
+                          modalities=None if modalities is None else tuple(modalities), keypoints=keypoints)
 
 
 def collect_cases(inputs: Sequence[str | Path], manifest: Manifest, options: SegmentOptions) -> list[InputCase]:
@@ -662,8 +686,8 @@ def read_case(case: InputCase, manifest: Manifest, options: SegmentOptions) -> t
 
 
 def plan_outputs(cases: Sequence[InputCase], out_dir: Path | str, options: SegmentOptions) -> list[OutputPaths]:
-    return [output_paths(c, Path(out_dir), probabilities=options.probabilities, uncertainty=options.keep_samples)
-            for c in cases]
+    return [output_paths(c, Path(out_dir), probabilities=options.probabilities, uncertainty=options.keep_samples,
+                         keypoints=options.keypoints) for c in cases]
 
 
 def segment_case(case: InputCase, plan: OutputPaths, manifest: Manifest, engine: Backend, options: SegmentOptions, *,
@@ -684,6 +708,11 @@ def segment_case(case: InputCase, plan: OutputPaths, manifest: Manifest, engine:
                            tile=options.tile, iou_threshold=options.iou_threshold, seed=options.seed,
                            on_batch=on_batch)
     del prepared
+    if plan.keypoints is not None:  # a keypoint bundle: heatmaps and decoded keypoints
+        from edgeseg.runtime.keypoints import write_keypoint_outputs
+
+        return write_keypoint_outputs(case, plan, seg, original, manifest, bundle_path=bundle_path,
+                                      backend=engine.description, started=started)
     write_label(plan.mask, seg.labels, original)
     if plan.probabilities is not None and seg.probabilities is not None:
         write_map(plan.probabilities, seg.probabilities, original)

@@ -37,6 +37,7 @@ from edgeseg.train.schemes import (
     build_sampler,
     build_training_loss,
     network_activation,
+    validation_score,
 )
 from edgeseg.train.setup import (
     configure_torch,
@@ -99,7 +100,12 @@ def train_experiment(cfg: ExperimentConfig, out: Path, *, resume: bool = False, 
         root = Path(recorded)  # a resumed run trains on the folder it started on, wherever it is resumed from
     else:
         with distributed.main_first():  # rank 0 writes synthetic phantoms once; the others then read them
-            root = resolve_data_root(cfg, out, config_dir)
+            if cfg.train.scheme == "keypoints":  # keypoint phantoms for root synthetic
+                from edgeseg.train.keypoints import resolve_data_root as resolve_keypoint_root
+
+                root = resolve_keypoint_root(cfg, out, config_dir)
+            else:
+                root = resolve_data_root(cfg, out, config_dir)
     if cfg.data.root == "synthetic":
         cfg = replace(cfg, data=replace(cfg.data, root=str(root.resolve())))
     cfg = with_resolved_table(cfg, root, config_dir)
@@ -154,7 +160,7 @@ def train_experiment(cfg: ExperimentConfig, out: Path, *, resume: bool = False, 
                      sampler=sampler, val_cases=val_cases, spec=spec, class_names=cfg.data.class_names,
                      patch_size=patch, tile_size=tuple(cfg.data.tile_size), spatial_dims=cfg.data.spatial_dims, device=device,
                      slice_axis=cfg.data.slice_axis, include_background=cfg.data.evaluate_background,
-                     output_activation=network_activation(cfg),
+                     output_activation=network_activation(cfg), score=validation_score(cfg),
                      relabel=build_relabeller(cfg, sample_cases, sampler, tuple(cfg.data.tile_size)),
                      extra_inputs=extra_inputs,
                      predict=None if run_prior is None else PriorPredictor(run_prior, tuple(cfg.data.tile_size),
@@ -225,8 +231,15 @@ def evaluate_run(run_dir: Path, *, data: Path | None, split: str, console: Conso
 
     with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task(f"evaluating {split}", total=len(cases))
-        result = evaluate_predictions(cases, predict, spec, info.class_names, info.evaluate_background,
-                                      on_case=lambda _: progress.advance(task))
+        if cfg.train.scheme == "keypoints":  # decoded heatmaps matched to the reference keypoints, in mm
+            from edgeseg.train.keypoints import evaluate_keypoints
+
+            result = evaluate_keypoints(model, cases, spec, info.class_names, cfg.train.keypoints_settings,
+                                        tuple(info.tile_size), dev, info.spatial_dims, info.slice_axis,
+                                        extra_inputs, on_case=lambda _: progress.advance(task))
+        else:
+            result = evaluate_predictions(cases, predict, spec, info.class_names, info.evaluate_background,
+                                          on_case=lambda _: progress.advance(task))
     result["run"] = str(run_dir)
     result["split"] = split
     result["data"] = str(root)

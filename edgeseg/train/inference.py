@@ -16,6 +16,16 @@ from edgeseg.data.patches import crop_padding, pad_to_shape, round_up_shape
 from edgeseg.train.softseg import activate
 
 
+def _activate(scores: torch.Tensor, activation: str) -> torch.Tensor:
+    """`edgeseg.train.softseg.activate`, plus "heatmap": the keypoint scheme's sigmoid heatmaps, channel 0 unused
+    (`edgeseg.train.keypoints.heatmap_activation`)."""
+    if activation == "heatmap":
+        from edgeseg.train.keypoints import heatmap_activation  # here: that module imports this one
+
+        return heatmap_activation(scores)
+    return activate(scores, activation)
+
+
 @torch.no_grad()
 def predict_probabilities(
     model: torch.nn.Module,
@@ -27,8 +37,8 @@ def predict_probabilities(
     activation: str = "softmax",
     inputs: Sequence[np.ndarray] = (),
 ) -> np.ndarray:
-    """Per-class values for one case: softmax probabilities, or SoftSeg's normalized-ReLU soft maps
-    (`activation`, see `edgeseg.train.softseg.activate`). `inputs`: the case's extra model inputs (FiLM
+    """Per-class values for one case: softmax probabilities, SoftSeg's normalized-ReLU soft maps or keypoint
+    heatmaps (`activation`, see `_activate`). `inputs`: the case's extra model inputs (FiLM
     metadata (D,), HeMIS modality mask (C,); `PreparedCase.model_inputs`), given with every tile.
     Shape: image (C, *S) -> (K, *S) float32."""
     model.eval()
@@ -43,14 +53,14 @@ def predict_probabilities(
     if all(s <= p for s, p in zip(spatial, patch_size)):
         target = round_up_shape(tuple(patch_size), multiple)
         padded, widths = pad_to_shape(image, target)
-        probs = activate(run(padded[None]), activation)[0].cpu().numpy()
+        probs = _activate(run(padded[None]), activation)[0].cpu().numpy()
         return np.ascontiguousarray(crop_padding(probs, widths))
     from edgeseg.runtime.tiling import sliding_window_probabilities
 
     tile = round_up_shape(tuple(patch_size), multiple)
 
     def predict(batch: np.ndarray) -> np.ndarray:
-        return activate(run(batch), activation).cpu().numpy()
+        return _activate(run(batch), activation).cpu().numpy()
 
     return sliding_window_probabilities(image, predict, tile, overlap=overlap, batch_size=batch_size)
 

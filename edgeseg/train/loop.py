@@ -10,7 +10,8 @@ output activation (SoftSeg, INERRANT), the epoch-dependent patch placement of tw
 relabelling (`edgeseg.train.inerrant.Relabeller`), run at the start of each relabelling step, its step and
 pseudo-labels saved in checkpoints. STIPPLE (`edgeseg.train.stipple`): batches carry each patch's prior maps p,
 which the loss receives as a third argument; validation predicts through the scheme's own `predict` (the prior
-placed by translation).
+placed by translation). A scheme may also bring its own validation score (`FitParts.score`, e.g. the keypoint
+scheme's detection F1, `edgeseg.train.keypoints`); the best checkpoint is the one of the highest score.
 """
 
 from __future__ import annotations
@@ -76,6 +77,28 @@ class FitParts:
     extra_inputs: tuple[str, ...] = ()  # the model's inputs besides the image, in forward order (FiLM, HeMIS)
     # a scheme's own whole-volume prediction (model, case, device) -> labels (STIPPLE's prior); None = predict_labels
     predict: Callable[[torch.nn.Module, PreparedCase, torch.device], np.ndarray] | None = None
+    # a scheme's own validation (parts) -> ValScore (the keypoint scheme's detection F1); None = mean foreground Dice
+    score: Callable[[FitParts], ValScore] | None = None
+
+
+@dataclass(frozen=True)
+class ValScore:
+    """One validation: the model-selection score (higher is better) under its log name, the fields logged
+    with it and the text printed for the epoch."""
+
+    name: str
+    value: float
+    fields: dict[str, Any]
+    text: str
+
+
+def dice_score(parts: FitParts) -> ValScore:
+    """The default validation score: mean foreground Dice over the validation cases (`validate`)."""
+    summary = validate(parts)["summary"]
+    dice = mean_foreground_dice(summary)
+    per_class = {c: v["dice"]["mean"] for c, v in summary.items() if c != "mean"}
+    text = f"val Dice {dice:.4f} ({' '.join(f'{k} {v:.3f}' for k, v in per_class.items())})"
+    return ValScore("val_dice", dice, {"val_dice": dice, "val_dice_per_class": per_class}, text)
 
 
 @dataclass
@@ -92,7 +115,7 @@ class FitSchedule:
 @dataclass
 class FitResult:
     epochs_done: int
-    best_dice: float | None
+    best_dice: float | None  # the best validation score: mean Dice, or the scheme's own (FitParts.score)
     best_epoch: int | None
     interrupted: bool
     seconds: float
@@ -271,15 +294,16 @@ def fit(parts: FitParts, schedule: FitSchedule, run: RunDir, *, resume: bool, co
                 if parts.relabel is not None:
                     record.update(parts.relabel.log_fields())
                 distributed.broadcast_buffers(model)  # one set of batch-norm statistics for validation and checkpoints
+                val_text = None
                 if parts.val_cases and (epoch % schedule.val_every == 0 or epoch == schedule.epochs):
-                    summary = validate(parts)["summary"]
-                    dice = mean_foreground_dice(summary)
-                    record["val_dice"] = dice
-                    record["val_dice_per_class"] = {c: v["dice"]["mean"] for c, v in summary.items() if c != "mean"}
-                    if state["best_dice"] is None or dice > state["best_dice"]:
-                        state["best_dice"], state["best_epoch"] = dice, epoch
+                    scored = (parts.score or dice_score)(parts)  # state["best_dice"] holds the best score
+                    record.update(scored.fields)
+                    val_text = scored.text
+                    if state["best_dice"] is None or scored.value > state["best_dice"]:
+                        state["best_dice"], state["best_epoch"] = scored.value, epoch
                         if main:
-                            save_weights(run.best, model, {**(weights_meta or {}), "epoch": epoch, "val_dice": dice})
+                            save_weights(run.best, model, {**(weights_meta or {}), "epoch": epoch,
+                                                           scored.name: scored.value})
                 state.update(epoch=epoch, step=0, loss_sum=0.0, loss_n=0)
                 record["seconds"] = round(time.monotonic() - started, 1)
                 state["record"] = record  # lets a resume restore this log line if a kill lands before it is written
@@ -287,7 +311,7 @@ def fit(parts: FitParts, schedule: FitSchedule, run: RunDir, *, resume: bool, co
                 if main:
                     run.append_log(record)
                 history.append(record)
-                _print_epoch(console, record, schedule.epochs)
+                _print_epoch(console, record, schedule.epochs, val_text)
                 over_budget = schedule.max_minutes is not None and record["seconds"] > 60 * schedule.max_minutes
                 if distributed.any_rank(over_budget):
                     console.print(f"time budget of {schedule.max_minutes} min reached after epoch {epoch}")
@@ -317,10 +341,9 @@ def distributed_backend() -> str:
     return torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
 
 
-def _print_epoch(console: Console, record: dict[str, Any], epochs: int) -> None:
+def _print_epoch(console: Console, record: dict[str, Any], epochs: int, val_text: str | None = None) -> None:
     parts = [f"epoch {record['epoch']:>4}/{epochs}", f"loss {record['train_loss']:.4f}", f"lr {record['lr']:.2e}"]
-    if "val_dice" in record:
-        per_class = " ".join(f"{k} {v:.3f}" for k, v in record["val_dice_per_class"].items())
-        parts.append(f"val Dice {record['val_dice']:.4f} ({per_class})")
+    if val_text is not None:
+        parts.append(val_text)
     parts.append(f"{record['seconds']:.0f} s")
     console.print(" | ".join(parts))

@@ -26,6 +26,10 @@ draw, and the generator state in checkpoints makes the drops resume exactly.
 STIPPLE's spatial prior (`prior_patch`): each sample also carries the prior maps of its case cut at the
 patch's own place (the patch's origin on the case's grid, padding included) and moved by the same spatial
 augmentation as the image (`Compose.apply_spatial`); building it draws nothing, so the stream is unchanged.
+
+Keypoint heatmaps (`heatmap_targets`, train.scheme keypoints): the image is augmented alone and each sample's
+target is rendered afterwards from its case's keypoints, moved by the augmentation the image went through
+(`edgeseg.train.keypoints.HeatmapTargets`): no single-voxel label is ever resampled. The same draws are made.
 """
 
 from __future__ import annotations
@@ -88,6 +92,8 @@ class BatchSampler:
     extra_inputs: names of the model's extra inputs ("metadata", "modality_mask") each batch carries, in
     forward order; modality_drop: probability of dropping each present modality of a sample (see the
     module docstring; missing modalities are zero-filled whatever it is).
+    heatmap_targets(case index, origin, augmentation) gives the (K, *patch) float32 target of the patch whose
+    first voxel is `origin` on the case's own grid, once `augmentation` (its `history`) has moved the image.
     prior_patch(case index, origin) gives the (K, *patch) prior maps of the patch whose first voxel is
     `origin` on the case's own grid (STIPPLE, `edgeseg.train.stipple`); each batch then carries them.
     Shape: images (B / world_size, C, *patch) float32; labels (B / world_size, *patch) int64, or
@@ -108,6 +114,7 @@ class BatchSampler:
         extra_inputs: Sequence[str] = (),
         modality_drop: float = 0.0,
         prior_patch: Callable[[int, tuple[int, ...]], np.ndarray] | None = None,
+        heatmap_targets: Callable[[int, tuple[int, ...], Compose], np.ndarray] | None = None,
     ):
         labelled = [c for c in cases if c.label is not None]
         if not labelled:
@@ -124,6 +131,10 @@ class BatchSampler:
         if prior_patch is not None and mixup_alpha > 0:
             raise ValueError("mixup of samples with spatial priors is not supported")
         self.prior_patch = prior_patch
+        if heatmap_targets is not None and (num_classes is not None or label_transform is not None or mixup_alpha > 0
+                                            or prior_patch is not None):
+            raise ValueError("heatmap targets replace the labels: no num_classes, label_transform, mixup or prior")
+        self.heatmap_targets = heatmap_targets
         self.samplers = [PatchSampler(c.image, c.label, patch_size) for c in labelled]
         self.extra_inputs = tuple(extra_inputs)
         self.modality_drop = float(modality_drop)
@@ -202,6 +213,10 @@ class BatchSampler:
         """One augmented patch, its case index and (with `prior_patch`) its prior maps moved alike."""
         idx, start = self._start(rng)
         image, label = self.samplers[idx].crop(start)
+        if self.heatmap_targets is not None:  # keypoints: the target follows the image's own augmentation
+            image, _ = self.augmentation(image, None, rng)
+            label = self.heatmap_targets(idx, self.samplers[idx].origin(start), self.augmentation)
+            return image, label, idx, None
         if self.num_classes is not None:
             label = one_hot(label, self.num_classes)
         image, label = self.augmentation(image, label, rng)
@@ -255,7 +270,8 @@ class BatchSampler:
                 priors.append(prior)
             for name in self.extra_inputs:
                 inputs[name].append(extra[name])
-        label_dtype = np.int64 if self.num_classes is None and self.label_transform is None else np.float32
+        label_dtype = (np.int64 if self.num_classes is None and self.label_transform is None
+                       and self.heatmap_targets is None else np.float32)
         return Batch(np.stack(images).astype(np.float32), np.stack(labels).astype(label_dtype),
                      {name: np.stack(values).astype(np.float32) for name, values in inputs.items()},
                      np.stack(priors).astype(np.float32) if priors else None)

@@ -13,12 +13,15 @@ them into the sampler, loss, output activation and relabelling the training loop
 - STIPPLE's 3D spatial prior (Petit et al. 2021): `edgeseg.train.stipple`; the sampler carries each patch's
   prior maps, the loop adds ln p to the logits, validation and evaluation place the prior by translation.
   A bundle cannot carry the prior yet, so `output_activation` refuses the scheme (quantize and export ask it).
+- keypoint detection (Count-ception, Cohen et al. 2017; `train.keypoints`): `edgeseg.train.keypoints`; the
+  sampler renders Gaussian heatmap targets after augmentation, validation scores detection F1
+  (`validation_score`), bundles read the output as heatmaps (`bundle_output_kind`); quantization refuses it.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from torch import nn
@@ -30,6 +33,8 @@ from edgeseg.errors import UserError
 from edgeseg.losses import build_loss
 from edgeseg.train.inerrant import Relabeller, RelabelSchedule, apply_partial_labels, partial_targets
 from edgeseg.train.inputs import model_extra_inputs
+from edgeseg.train.keypoints import HEATMAP_ACTIVATION, OUTPUT_KIND, HeatmapTargets, KeypointValidation
+from edgeseg.train.loop import FitParts, ValScore
 from edgeseg.train.sampling import BatchSampler
 from edgeseg.train.softseg import SoftSegLoss
 from edgeseg.train.stipple import CasePriors, PriorDrivenLoss, RunPrior
@@ -37,21 +42,41 @@ from edgeseg.train.tcp import build_confidence
 
 STIPPLE_REFUSAL = ("train.scheme stipple: the bundle cannot carry the prior yet, so this run cannot be quantized "
                    "or exported (score it with `edgeseg evaluate`)")
+KEYPOINTS_REFUSAL = ("train.scheme keypoints: `edgeseg quantize` validates and scores by Dice, not by keypoint "
+                     "detection, so keypoint runs cannot be quantized yet (export the float run)")
 
 
 def network_activation(cfg: ExperimentConfig) -> str:
     """How the network's own output becomes per-class values (before any prior): "softmax",
-    "normalized_relu" for SoftSeg, or "sigmoid_multilabel" for INERRANT; STIPPLE's network is a softmax one."""
-    return {"softseg": "normalized_relu", "inerrant": "sigmoid_multilabel"}.get(cfg.train.scheme, "softmax")
+    "normalized_relu" for SoftSeg, "sigmoid_multilabel" for INERRANT, or "heatmap" for keypoints (sigmoid
+    heatmaps, `edgeseg.train.keypoints`); STIPPLE's network is a softmax one."""
+    return {"softseg": "normalized_relu", "inerrant": "sigmoid_multilabel",
+            "keypoints": HEATMAP_ACTIVATION}.get(cfg.train.scheme, "softmax")
 
 
 def output_activation(cfg: ExperimentConfig) -> str:
     """The whole output rule of a run as a bundle would carry it: `network_activation`, except for STIPPLE,
     whose output also needs the prior, which a bundle cannot carry yet (UserError: quantize and export read
-    this first)."""
+    this first), and for keypoints, which quantization cannot score yet (export reads `bundle_output_kind`)."""
     if cfg.train.scheme == "stipple":
         raise UserError(STIPPLE_REFUSAL)
+    if cfg.train.scheme == "keypoints":
+        raise UserError(KEYPOINTS_REFUSAL)
     return network_activation(cfg)
+
+
+def bundle_output_kind(cfg: ExperimentConfig) -> str:
+    """The bundle output kind of a run (`edgeseg.runtime.bundle.OUTPUT_KINDS`): "heatmap" for keypoint runs,
+    "normalized_relu" (SoftSeg), "sigmoid_multilabel" (INERRANT), else "logits" (UserError for STIPPLE)."""
+    if cfg.train.scheme == "keypoints":
+        return OUTPUT_KIND
+    activation = output_activation(cfg)
+    return activation if activation in ("normalized_relu", "sigmoid_multilabel") else "logits"
+
+
+def validation_score(cfg: ExperimentConfig) -> Callable[[FitParts], ValScore] | None:
+    """A scheme's own validation score for the loop (keypoints: detection F1); None = mean foreground Dice."""
+    return KeypointValidation(cfg.train.keypoints_settings) if cfg.train.scheme == "keypoints" else None
 
 
 def per_class_labels(cfg: ExperimentConfig) -> bool:
@@ -81,6 +106,12 @@ def build_sampler(cfg: ExperimentConfig, cases: Sequence[PreparedCase], patch: t
     data.modalities' random modality dropping and, for STIPPLE, the run's `prior` following every patch."""
     if (cfg.train.scheme == "stipple") != (prior is not None):
         raise ValueError("give the run's STIPPLE prior exactly when train.scheme is stipple")
+    if cfg.train.scheme == "keypoints":  # heatmaps rendered from the moved keypoints (edgeseg.train.keypoints)
+        targets = HeatmapTargets(cases, cfg.data.num_classes, patch, cfg.train.keypoints_settings.sigma_mm)
+        return BatchSampler(cases, patch, cfg.data.foreground_oversample,
+                            build_augmentation(cfg.augment, spatial_dims), seed=seed,
+                            extra_inputs=model_extra_inputs(cfg), heatmap_targets=targets,
+                            modality_drop=0.0 if cfg.data.modalities is None else cfg.data.modalities.drop_prob)
     soft = per_class_labels(cfg)
     augmentation = build_augmentation(cfg.augment, spatial_dims, per_class_labels=soft,
                                       soft_labels=cfg.train.scheme == "softseg")

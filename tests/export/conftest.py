@@ -112,6 +112,14 @@ def quant_model():
     return quant_unet()
 
 
+@pytest.fixture(scope="module")
+def qcdq(quant_model):
+    """The brevitas QCDQ graph of `quant_model` (module scope: a module may alter its copy)."""
+    from edgeseg.export.torch_export import export_qcdq
+
+    return export_qcdq(quant_model, (torch.randn(1, 1, 16, 16, 16),), spatial_dims=3)
+
+
 @pytest.fixture(scope="session")
 def float_export(float_model, tmp_path_factory):
     return export_to(float_model, bundle_info(), tmp_path_factory.mktemp("float") / "bundle")

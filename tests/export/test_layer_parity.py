@@ -49,11 +49,6 @@ LAYERS = {
 
 
 @pytest.fixture(scope="module")
-def qcdq(quant_model):
-    return export_qcdq(quant_model, (torch.randn(1, 1, 16, 16, 16),), spatial_dims=3)
-
-
-@pytest.fixture(scope="module")
 def tiles():
     gen = torch.Generator().manual_seed(3)
     # a unit-variance tile and a large one that drives activations into their clip range (as the export uses)

@@ -16,7 +16,6 @@ import torch
 from onnx import TensorProto, helper
 
 from edgeseg.errors import UserError
-from edgeseg.export.torch_export import export_qcdq
 from edgeseg.export.trt_form import trt_form
 from edgeseg.export.trt_rules import check_trt_onnx
 from edgeseg.runtime.bundle import load_bundle
@@ -27,11 +26,6 @@ def _run(model_bytes: bytes, feeds: dict, optimize: bool) -> np.ndarray:
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-
-
-@pytest.fixture(scope="module")
-def qcdq(quant_model):
-    return export_qcdq(quant_model, (torch.randn(1, 1, 16, 16, 16),), spatial_dims=3)
 
 
 @pytest.fixture(scope="module")

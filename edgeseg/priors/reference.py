@@ -32,7 +32,7 @@ import numpy as np
 from edgeseg.atomic import write_json, write_with
 from edgeseg.errors import UserError
 from edgeseg.priors.placement import best_translation, placed_centres
-from edgeseg.priors.stipple import organ_centre
+from edgeseg.priors.stipple import organ_centre, save_npy
 
 FORMAT = "edgeseg-stipple-reference/1"
 META_NAME = "reference.json"
@@ -112,14 +112,9 @@ def centres_from_label(label: np.ndarray, reference: Reference, max_shift: int,
 def save_reference(reference: Reference, folder: Path) -> None:
     """reference.json (name, shape) and the label as uint8 .npy, each written atomically, into `folder`."""
     folder = Path(folder)
-    write_with(folder / LABEL_NAME, functools.partial(_save_label, label=reference.label))
+    write_with(folder / LABEL_NAME, functools.partial(save_npy, array=reference.label, dtype=np.uint8))
     write_json(folder / META_NAME, {"format": FORMAT, "name": reference.name, "file": LABEL_NAME,
                                     "shape": list(reference.label.shape), "num_classes": reference.num_classes})
-
-
-def _save_label(path: Path, label: np.ndarray) -> None:
-    with open(path, "wb") as fh:
-        np.save(fh, np.ascontiguousarray(label, dtype=np.uint8), allow_pickle=False)
 
 
 def load_reference(folder: Path) -> Reference:

@@ -146,10 +146,10 @@ def save_prior(prior: SpatialPrior, folder: Path) -> None:
                                     "num_bins": prior.num_bins, "organs": files})
 
 
-def save_npy(path: Path, array: np.ndarray) -> None:
-    """`array` to `path` as float32 .npy without pickle (the writer `edgeseg.atomic.write_with` calls)."""
+def save_npy(path: Path, array: np.ndarray, dtype: type = np.float32) -> None:
+    """`array` to `path` as a `dtype` .npy without pickle (the writer `edgeseg.atomic.write_with` calls)."""
     with open(path, "wb") as fh:
-        np.save(fh, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+        np.save(fh, np.ascontiguousarray(array, dtype=dtype), allow_pickle=False)
 
 
 def load_prior(folder: Path) -> SpatialPrior:

@@ -1,4 +1,5 @@
-"""The shared data modules must import without torch (the device runtime has none)."""
+"""The shared data modules (and the keypoint decoding the runtime uses) must import without torch: the device
+runtime has none."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ def test_data_modules_do_not_import_torch():
     code = (
         "import sys\n"
         "import edgeseg.data.io, edgeseg.data.preprocess, edgeseg.data.discovery, edgeseg.data.phantoms\n"
-        "import edgeseg.data.metadata, edgeseg.data.modalities\n"
+        "import edgeseg.data.metadata, edgeseg.data.modalities, edgeseg.data.heatmaps\n"
+        "import edgeseg.metrics.keypoints, edgeseg.runtime.keypoints\n"
         "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'monai', 'brevitas'))\n"
         "print(','.join(loaded))\n"
     )

@@ -25,7 +25,8 @@ def quantize(
         "--set", help="Override a quant.* or train.* key, e.g. quant.first_last_bits=32 or "
                       "'quant.layer_overrides={dec0.*: 8/8}'.")] = None,
 ) -> None:
-    """Fold batch norm, build the brevitas twin, calibrate, fine-tune (QAT) and compare Dice with the float model."""
+    """Fold batch norm, build the brevitas twin, calibrate, fine-tune (QAT) and compare Dice (or the training
+    scheme's own score, e.g. keypoint F1) with the float model."""
     from edgeseg.quantize.bits import parse_bits
 
     if bits is not None:

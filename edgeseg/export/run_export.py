@@ -5,6 +5,9 @@ Forms written (docs/bundle.md):
 - float run: `float` (model.onnx) and, with MC dropout, `mc` (model_mc.onnx, mask inputs); a model
   with extra inputs (FiLM metadata, HeMIS modality mask; `extra_inputs`) takes them as graph inputs
   in every form (float runs only: such models are not quantizable);
+- a STIPPLE run (`train.scheme: stipple`) exports like a standard float run, plus its spatial prior: the
+  files of RUN/stipple/ (checked against run.json) in BUNDLE/stipple/ and the manifest's `stipple` section
+  (`stipple_export`), which the runtime places on every volume;
 - quantized run (brevitas): `cpu_int8` (model_cpu.onnx: QCDQ with weight Clips folded, runs
   QLinearConv in ONNX Runtime), `trt` (model_trt.onnx: symmetric int8 Q/DQ for TensorRT's
   parser), and with MC dropout `mc` (model_mc.onnx: the TensorRT-style graph with mask inputs,
@@ -41,12 +44,14 @@ from edgeseg.export.layer_parity import layer_parity
 from edgeseg.export.mc import random_masks, with_mask_inputs
 from edgeseg.export.packing import WEIGHTS_FILE, PackResult, externalize, pack_int4_weights, weight_bit_widths
 from edgeseg.export.parity import Difference, difference, ort_run, output_step
+from edgeseg.export.stipple_export import PriorFiles, prior_files
 from edgeseg.export.torch_export import INPUT_NAME, OUTPUT_NAME, export_float, export_qcdq, is_brevitas_model
 from edgeseg.export.trt_form import trt_form
 from edgeseg.export.trt_rules import check_trt_onnx
 from edgeseg.runtime.bundle import (
     BASE_SCHEMA_VERSION,
     EXTRA_INPUTS_SCHEMA_VERSION,
+    STIPPLE_SCHEMA_VERSION,
     Manifest,
     McSite,
     ModelForm,
@@ -79,6 +84,7 @@ class BundleInfo:
     metadata: dict[str, Any] | None = None  # FiLM: RunInfo.metadata (fields, method, mean, std) [+ table, case_column]
     modalities: list[str] | None = None  # HeMIS: RunInfo.modalities (one name per image channel)
     keypoints: dict[str, Any] | None = None  # keypoint runs (output_kind "heatmap"): decoding + sigma_mm, match_mm
+    prior: PriorFiles | None = None  # STIPPLE runs: the spatial prior's manifest section and files
 
 
 @dataclass
@@ -383,6 +389,10 @@ def export_model(model: nn.Module, info: BundleInfo, *, seed: int = 0) -> Export
     deployed = {name: _dtype_names(m) for name, m in acc.forms.items()}
     sizes = {"weights": _weight_sizes(weights_model, bit_widths)}
     files, form_entries, packed_count = _pack_forms(acc.forms, acc.kinds, sites, extra_names)
+    if info.prior is not None:
+        files.update(info.prior.files)
+        acc.summary.append(f"STIPPLE prior: {len(info.prior.files)} files from the run (sha256 as run.json records), "
+                           f"reference volume {info.prior.spec.reference_case}, placed by the runtime on each volume")
     sizes["weights"]["at_rest_bytes"] = len(files[WEIGHTS_FILE])
     sizes["weights"]["int4_packed_tensors"] = packed_count
     at_rest = "int4" if packed_count else ("int8" if quantized else "float32")
@@ -395,7 +405,9 @@ def export_model(model: nn.Module, info: BundleInfo, *, seed: int = 0) -> Export
               "weight_bit_widths": sorted(set(bit_widths.values())) or [32]},
         mc_sites=list(sites), sizes=sizes, parity=acc.parity, source=dict(info.source), edgeseg_version=__version__,
         metadata=meta_spec, modalities=modality_spec, keypoints=info.keypoints,
-        schema_version=EXTRA_INPUTS_SCHEMA_VERSION if extra_names else BASE_SCHEMA_VERSION,
+        stipple=None if info.prior is None else info.prior.spec,
+        schema_version=(STIPPLE_SCHEMA_VERSION if info.prior is not None
+                        else EXTRA_INPUTS_SCHEMA_VERSION if extra_names else BASE_SCHEMA_VERSION),
     )
     w = sizes["weights"]
     acc.summary.append(f"weights: {w['parameters']:,} parameters; float32 {w['float32_bytes'] / 1e3:.1f} kB, nominal "
@@ -494,6 +506,9 @@ def _load_run(run_dir: Path) -> tuple[nn.Module, BundleInfo]:
 
         model, _, info = load_run_model(run_dir)
     preprocess = dict(info.preprocess)
+    prior = None
+    if cfg.train.scheme == "stipple":  # the prior the run was trained and evaluated with, checked against run.json
+        prior = prior_files(Path(run_dir), info.extra.get("stipple"), cfg.train.stipple_settings, info.class_names)
     metadata = None
     if info.metadata is not None:
         metadata = dict(info.metadata)
@@ -513,7 +528,7 @@ def _load_run(run_dir: Path) -> tuple[nn.Module, BundleInfo]:
         source={"run_dir": str(Path(run_dir).resolve()), "parent_run": info.parent_run,
                 "trained_with": info.edgeseg_version},
         output_kind=output_kind, metadata=metadata, modalities=None if info.modalities is None else list(info.modalities),
-        keypoints=keypoints,
+        keypoints=keypoints, prior=prior,
     )
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +32,7 @@ import numpy as np
 from edgeseg.atomic import write_json, write_with
 from edgeseg.errors import UserError
 from edgeseg.priors.placement import best_translation, placed_centres
-from edgeseg.priors.stipple import organ_centre, save_npy
+from edgeseg.priors.stipple import load_npy, organ_centre, save_npy
 
 FORMAT = "edgeseg-stipple-reference/1"
 META_NAME = "reference.json"
@@ -120,13 +120,19 @@ def save_reference(reference: Reference, folder: Path) -> None:
 def load_reference(folder: Path) -> Reference:
     """Read what `save_reference` wrote; a missing or malformed file is a UserError."""
     folder = Path(folder)
+    return read_reference(lambda name: (folder / name).read_bytes(), str(folder))
+
+
+def read_reference(read: Callable[[str], bytes], where: str) -> Reference:
+    """The reference from the files `save_reference` wrote, each got as bytes by `read(file name)` (see
+    `edgeseg.priors.stipple.read_prior`); a missing or malformed file is a UserError naming `where`."""
     try:
-        meta = json.loads((folder / META_NAME).read_text())
+        meta = json.loads(read(META_NAME).decode("utf-8"))
         if meta.get("format") != FORMAT:
-            raise UserError(f"{folder / META_NAME}: not a STIPPLE reference (format {meta.get('format')!r})")
-        label = np.load(folder / meta["file"], allow_pickle=False)
-        if list(label.shape) != list(meta["shape"]):
-            raise UserError(f"{folder / meta['file']}: shape {list(label.shape)} differs from {meta['shape']}")
+            raise UserError(f"{where}/{META_NAME}: not a STIPPLE reference (format {meta.get('format')!r})")
+        label = load_npy(read(meta["file"]))
+        if list(label.shape) != list(meta["shape"]) or label.ndim != 3:
+            raise UserError(f"{where}/{meta['file']}: shape {list(label.shape)} differs from {meta['shape']}")
         return Reference(str(meta["name"]), label.astype(np.uint8), int(meta["num_classes"]))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"cannot read the STIPPLE reference in {folder}: {exc}") from exc
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"cannot read the STIPPLE reference in {where}: {exc}") from exc

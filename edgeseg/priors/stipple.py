@@ -19,8 +19,9 @@ Volumes without organ k do not enter p_k. Axes: labels are (X, Y, Z) with the ax
 from __future__ import annotations
 
 import functools
+import io
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,18 +156,29 @@ def save_npy(path: Path, array: np.ndarray, dtype: type = np.float32) -> None:
 def load_prior(folder: Path) -> SpatialPrior:
     """Read a prior written by `save_prior`; a missing or malformed file is a UserError."""
     folder = Path(folder)
+    return read_prior(lambda name: (folder / name).read_bytes(), str(folder))
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """An .npy file's array from its bytes, without pickle (ValueError when it is not a plain .npy)."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def read_prior(read: Callable[[str], bytes], where: str) -> SpatialPrior:
+    """A prior from the files `save_prior` wrote, each got as bytes by `read(file name)` (a run folder, or a
+    bundle whose reader checks each file's SHA-256); a missing or malformed file is a UserError naming `where`."""
     try:
-        meta = json.loads((folder / META_NAME).read_text())
+        meta = json.loads(read(META_NAME).decode("utf-8"))
         if meta.get("format") != FORMAT:
-            raise UserError(f"{folder / META_NAME}: not a STIPPLE prior (format {meta.get('format')!r})")
+            raise UserError(f"{where}/{META_NAME}: not a STIPPLE prior (format {meta.get('format')!r})")
         organs = []
         for entry in meta["organs"]:
-            bins = np.load(folder / entry["file"], allow_pickle=False)
+            bins = load_npy(read(entry["file"]))
             box = tuple(int(b) for b in entry["box"])
-            if bins.shape != (meta["num_bins"], box[0], box[1]):
-                raise UserError(f"{folder / entry['file']}: shape {bins.shape} does not match box {box} and "
-                                f"{meta['num_bins']} bins")
+            if bins.shape != (meta["num_bins"], box[0], box[1]) or bins.dtype != np.float32:
+                raise UserError(f"{where}/{entry['file']}: shape {bins.shape} ({bins.dtype}) does not match box "
+                                f"{box} and {meta['num_bins']} bins (float32)")
             organs.append(OrganPrior(str(entry["name"]), int(entry["label"]), box, bins))  # type: ignore[arg-type]
         return SpatialPrior(tuple(meta["class_names"]), tuple(organs), int(meta["num_bins"]))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"cannot read the STIPPLE prior in {folder}: {exc}") from exc
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"cannot read the STIPPLE prior in {where}: {exc}") from exc

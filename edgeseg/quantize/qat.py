@@ -5,15 +5,19 @@
       run.json           RunInfo with bits ("4/6") and parent_run; extra: layer plan, float islands
       checkpoints/       best.safetensors (quantized weights + scales), last.safetensors (resume state)
       log.jsonl          one line per QAT epoch
-      metrics.json       float vs quantized Dice side by side on val (and test), same evaluation code
+      metrics.json       float vs quantized Dice (or the scheme's own score) side by side on val (and test)
 
 Both models are scored by `evaluate_predictions` on the original grids, exactly as
 `edgeseg evaluate` scores float runs. The float reference is the batch-norm-folded model, which
-is equal to the trained model in eval mode (up to float rounding).
+is equal to the trained model in eval mode (up to float rounding). A training scheme with its own
+validation score (`edgeseg.train.schemes.validation_score`, e.g. keypoint detection F1) brings it to
+QAT as `FitParts.score`: QAT then trains with the scheme's loss and targets, selects its checkpoint by
+that score, and metrics.json compares float and quantized models by it (`score_float`, `score_quant`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -43,13 +47,12 @@ from edgeseg.quantize.twin import (
     twin_spec,
     weight_bits_total,
 )
-from edgeseg.train import distributed
-from edgeseg.train import schemes
+from edgeseg.train import distributed, schemes
 from edgeseg.train.checkpoint import load_weights, save_weights
 from edgeseg.train.evaluation import evaluate_predictions, mean_foreground_dice
 from edgeseg.train.experiment import load_cases, load_run_model
 from edgeseg.train.inference import predict_labels
-from edgeseg.train.loop import FitParts, FitSchedule, fit
+from edgeseg.train.loop import FitParts, FitSchedule, ValScore, fit
 from edgeseg.train.optim import build_optimizer, build_scheduler
 from edgeseg.train.rundir import RunDir, RunInfo
 from edgeseg.train.sampling import BatchSampler
@@ -141,16 +144,23 @@ def quantize_run(
     twin.to(device)
     float_model.to(device)
     if not qbits.is_float:
-        seen = _calibrate(twin, sample_cases, patch, cfg, quant.calibration_batches, device, console)
-        metrics["calibration_batches"] = seen
-        if val_cases:
+        metrics["calibration_batches"] = _calibrate(twin, sample_cases, patch, cfg, quant.calibration_batches,
+                                                    device, console)
+    # after calibration (the optimizer takes the calibrated quantizer parameters): the float run's own training
+    # schemes (mixup, soft labels, SoftSeg's activation and loss, keypoint heatmaps and score) carry over to QAT;
+    # a scheme with its own score (parts.score) is compared by it below too
+    parts = _fit_parts(twin, sample_cases, val_cases, patch, cfg, qinfo, pspec, device)
+    if not qbits.is_float:
+        if val_cases and parts.score is not None:
+            ptq_score = _own_score(parts, twin, val_cases, console, "val (after calibration)")
+            metrics["val_score_after_calibration"] = ptq_score.value
+        elif val_cases:
             ptq = _score(twin, val_cases, qinfo, pspec, device, console, "val (after calibration)", activation)
             metrics["val_dice_after_calibration"] = mean_foreground_dice(ptq["summary"])
 
     weights_meta = {"bits": str(qbits), "parent_run": str(run_dir.resolve())}
     if quant.epochs > 0:
-        metrics["qat"] = _fine_tune(twin, sample_cases, val_cases, patch, cfg, qinfo, pspec, device, qrun,
-                                    weights_meta, console)
+        metrics["qat"] = _fine_tune(parts, cfg, qrun, weights_meta, console)
         if metrics["qat"]["interrupted"]:
             if main:
                 write_json(out / "metrics.json", metrics)
@@ -163,6 +173,10 @@ def quantize_run(
     metrics["splits"] = {}
     for split, cases in (("val", val_cases), ("test", test_cases)):
         if not cases:
+            continue
+        if parts.score is not None:
+            metrics["splits"][split] = _compare_own_scores(parts, float_model, twin, cases, split, str(qbits),
+                                                           console)
             continue
         f_res = _score(float_model, cases, qinfo, pspec, device, console, f"{split} (float)", activation)
         q_res = _score(twin, cases, qinfo, pspec, device, console, f"{split} ({qbits})", activation)
@@ -245,29 +259,66 @@ def _calibrate(model: torch.nn.Module, cases: Sequence[PreparedCase], patch: tup
         return calibrate(model, batches(), on_batch=lambda _: progress.advance(task))
 
 
-def _fine_tune(model, cases, val_cases, patch, cfg: ExperimentConfig, info: RunInfo, pspec, device, qrun: RunDir,
-               weights_meta: dict[str, Any], console: Console) -> dict[str, Any]:
+def _fit_parts(model, cases, val_cases, patch, cfg: ExperimentConfig, info: RunInfo, pspec,
+               device) -> FitParts:
+    """The loop's parts for QAT, built by the float run's schemes (`edgeseg.train.schemes`): its sampler and
+    targets, loss, output activation and, where the scheme has one, its own validation score."""
+    quant = cfg.quant
+    optimizer = build_optimizer(model.parameters(), cfg.train, lr=quant.lr)
+    scheduler = build_scheduler(optimizer, cfg.train.schedule, max(quant.epochs, 1) * quant.steps_per_epoch)
+    sampler = schemes.build_sampler(cfg, cases, patch, info.spatial_dims, seed=cfg.train.seed)
+    return FitParts(model=model, loss_fn=schemes.build_training_loss(cfg), optimizer=optimizer, scheduler=scheduler,
+                    sampler=sampler, val_cases=val_cases, spec=pspec, class_names=info.class_names,
+                    patch_size=patch, tile_size=tuple(info.tile_size), spatial_dims=info.spatial_dims,
+                    device=device, slice_axis=info.slice_axis, include_background=info.evaluate_background,
+                    output_activation=schemes.output_activation(cfg), score=schemes.validation_score(cfg))
+
+
+def _fine_tune(parts: FitParts, cfg: ExperimentConfig, qrun: RunDir, weights_meta: dict[str, Any],
+               console: Console) -> dict[str, Any]:
     """QAT with the float training loop: straight-through estimators are inside brevitas' quantizers.
 
     Mixed precision is off: bf16 autocast would round the quantizer scales and break the
-    integer grid the deployed model runs on.
+    integer grid the deployed model runs on. The best checkpoint is the one of the best validation score:
+    mean foreground Dice, or the scheme's own (`parts.score`); "best_val" holds the fields logged with it.
     """
     quant = cfg.quant
-    optimizer = build_optimizer(model.parameters(), cfg.train, lr=quant.lr)
-    scheduler = build_scheduler(optimizer, cfg.train.schedule, quant.epochs * quant.steps_per_epoch)
-    # the float run's own training schemes (mixup, soft labels, SoftSeg's activation and loss) carry over to QAT
-    sampler = schemes.build_sampler(cfg, cases, patch, info.spatial_dims, seed=cfg.train.seed)
-    parts = FitParts(model=model, loss_fn=schemes.build_training_loss(cfg), optimizer=optimizer, scheduler=scheduler,
-                     sampler=sampler, val_cases=val_cases, spec=pspec, class_names=info.class_names,
-                     patch_size=patch, tile_size=tuple(info.tile_size), spatial_dims=info.spatial_dims,
-                     device=device, slice_axis=info.slice_axis, include_background=info.evaluate_background,
-                     output_activation=schemes.output_activation(cfg))
     schedule = FitSchedule(quant.epochs, quant.steps_per_epoch, cfg.train.batch_size, cfg.train.val_every,
                            cfg.train.max_minutes, amp=False)
     result = fit(parts, schedule, qrun, resume=False, console=console, weights_meta=weights_meta)
-    return {"epochs": result.epochs_done, "best_epoch": result.best_epoch, "best_val_dice": result.best_dice,
-            "seconds": round(result.seconds, 1), "interrupted": result.interrupted, "lr": quant.lr,
+    best = next((r for r in result.history if r["epoch"] == result.best_epoch), {})
+    summary: dict[str, Any] = {"epochs": result.epochs_done, "best_epoch": result.best_epoch}
+    if parts.score is None:
+        summary["best_val_dice"] = result.best_dice
+    else:
+        summary["best_val_score"] = result.best_dice
+    summary["best_val"] = {k: v for k, v in best.items() if k.startswith("val_")}
+    return {**summary, "seconds": round(result.seconds, 1), "interrupted": result.interrupted, "lr": quant.lr,
             "steps_per_epoch": quant.steps_per_epoch}
+
+
+def _own_score(parts: FitParts, model: torch.nn.Module, cases: Sequence[PreparedCase], console: Console,
+               label: str) -> ValScore:
+    """The scheme's own validation score (`parts.score`) of `model` on `cases`."""
+    assert parts.score is not None
+    model.eval()
+    with console.status(f"evaluating {label}") if console.is_terminal else contextlib.nullcontext():
+        return parts.score(replace(parts, model=model, val_cases=cases))
+
+
+def _compare_own_scores(parts: FitParts, float_model: torch.nn.Module, twin: torch.nn.Module,
+                        cases: Sequence[PreparedCase], split: str, bits: str, console: Console) -> dict[str, Any]:
+    """One split's float vs quantized row by the scheme's own score; the fields logged with it lose their
+    "val_" prefix (e.g. keypoint_f1, keypoint_precision, keypoint_recall, keypoint_error_mm)."""
+    f_score = _own_score(parts, float_model, cases, console, f"{split} (float)")
+    q_score = _own_score(parts, twin, cases, console, f"{split} ({bits})")
+    return {"cases": len(cases), "score": f_score.name.removeprefix("val_"), "score_float": f_score.value,
+            "score_quant": q_score.value, "score_delta": q_score.value - f_score.value,
+            "float": _unprefixed(f_score.fields), "quant": _unprefixed(q_score.fields)}
+
+
+def _unprefixed(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k.removeprefix("val_"): v for k, v in fields.items()}
 
 
 def _score(model: torch.nn.Module, cases: Sequence[PreparedCase], info: RunInfo, pspec: PreprocessSpec,
@@ -298,10 +349,13 @@ def _plan_summary(plan: dict[str, str], first_last: BitWidths) -> str:
 
 
 def _comparison_table(metrics: dict[str, Any], bits: str) -> Table:
-    table = Table(title=f"float vs {bits} (mean foreground Dice)")
+    rows = list(metrics["splits"].values())
+    own = next((r["score"] for r in rows if "score" in r), None)  # a scheme's own score, e.g. keypoint_score
+    table = Table(title=f"float vs {bits} ({'mean foreground Dice' if own is None else own})")
     for column in ("split", "cases", "float", bits, "delta"):
         table.add_column(column, justify="right" if column != "split" else "left")
+    key = "dice" if own is None else "score"
     for split, row in metrics["splits"].items():
-        table.add_row(split, str(row["cases"]), f"{row['dice_float']:.4f}", f"{row['dice_quant']:.4f}",
-                      f"{row['dice_delta']:+.4f}")
+        table.add_row(split, str(row["cases"]), f"{row[f'{key}_float']:.4f}", f"{row[f'{key}_quant']:.4f}",
+                      f"{row[f'{key}_delta']:+.4f}")
     return table

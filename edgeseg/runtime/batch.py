@@ -67,6 +67,7 @@ class Outcome:
     worker: int | None = None  # None: this process
     gpu: str | None = None  # the CUDA device the worker saw
     backend: str | None = None  # the backend's one-line description
+    prior_shift: list[int] | None = None  # STIPPLE bundles: the prior's placement (voxels from the reference volume)
     traceback: str | None = None  # for unexpected errors (not UserError)
 
 
@@ -138,16 +139,18 @@ def failure_reason(exc: BaseException) -> str:
 
 
 def _run_case(case: InputCase, plan: OutputPaths, manifest, engine, options: SegmentOptions, bundle_path: str,
-              worker: int | None, gpu: str | None, on_batch: OnBatch | None = None) -> Outcome:
+              worker: int | None, gpu: str | None, on_batch: OnBatch | None = None, prior: Any = None) -> Outcome:
     try:
-        result = segment_case(case, plan, manifest, engine, options, bundle_path=bundle_path, on_batch=on_batch)
+        result = segment_case(case, plan, manifest, engine, options, bundle_path=bundle_path, on_batch=on_batch,
+                              prior=prior)
     except Exception as exc:  # noqa: BLE001 - recorded per case; the batch keeps going
         trace = None if isinstance(exc, UserError) else traceback.format_exc()
         return Outcome(case.name, "failed", reason=failure_reason(exc), worker=worker, gpu=gpu,
                        backend=engine.description, traceback=trace)
     return Outcome(case.name, "done", seconds=result.seconds, mask=str(result.outputs.mask),
                    structures=result.structures, removed=result.removed, worker=worker, gpu=gpu,
-                   backend=engine.description)
+                   backend=engine.description,
+                   prior_shift=None if result.prior_shift is None else list(result.prior_shift))
 
 
 # ------------------------------------------------------------------------------------- worker processes
@@ -166,7 +169,7 @@ def _init_worker(ids: Any, spec: EngineSpec, gpus: list[str]) -> None:
 
 
 def _open_worker_engine() -> tuple[Any, Any]:
-    """The worker's bundle manifest and backend, opened on its first case."""
+    """The worker's bundle manifest and backend (and STIPPLE prior, `_WORKER["prior"]`), opened on its first case."""
     if "engine" not in _WORKER:
         from edgeseg.runtime.backends import open_backend
         from edgeseg.runtime.bundle import load_bundle
@@ -174,19 +177,20 @@ def _open_worker_engine() -> tuple[Any, Any]:
         spec: EngineSpec = _WORKER["spec"]
         try:
             bundle = load_bundle(spec.bundle_path, verify=False)  # the parent verified it; reads re-check hashes
+            prior = bundle.stipple_prior()  # read with every file's hash checked
             engine = open_backend(bundle, spec.backend, mc=spec.mc, threads=spec.threads, batch_size=spec.batch_size,
                                   tile=list(spec.tile))
         except Exception as exc:  # noqa: BLE001 - reported to the parent as one line
             raise BackendStartError(f"worker {_WORKER['index']} could not open the backend: "
                                     f"{failure_reason(exc)}") from None
-        _WORKER.update(manifest=bundle.manifest, engine=engine)
+        _WORKER.update(manifest=bundle.manifest, engine=engine, prior=prior)
     return _WORKER["manifest"], _WORKER["engine"]
 
 
 def _work(case: InputCase, plan: OutputPaths, options: SegmentOptions) -> Outcome:
     manifest, engine = _open_worker_engine()
     return _run_case(case, plan, manifest, engine, options, _WORKER["spec"].bundle_path, _WORKER["index"],
-                     _WORKER["gpu"])
+                     _WORKER["gpu"], prior=_WORKER["prior"])
 
 
 def _pool(workers: int, spec: EngineSpec, gpus: list[str]) -> ProcessPoolExecutor:
@@ -270,6 +274,7 @@ def segment_batch(
         raise unknown_name("backend", backend, BACKEND_CHOICES)
     bundle = load_bundle(bundle_path)
     manifest = bundle.manifest
+    prior = bundle.stipple_prior()  # STIPPLE bundles: the spatial prior placed on every volume
     options = segment_options(manifest, **segment_kwargs)
     cases = collect_cases(inputs, manifest, options)  # extra model inputs resolved: errors before any work
     plans = plan_outputs(cases, out_dir, options)
@@ -303,7 +308,8 @@ def segment_batch(
     if n == 1:
         try:
             for case, plan in todo:
-                emit(_run_case(case, plan, manifest, engine, options, str(bundle_path), None, None, on_batch))
+                emit(_run_case(case, plan, manifest, engine, options, str(bundle_path), None, None, on_batch,
+                               prior))
         finally:
             if engine is not None:
                 engine.close()

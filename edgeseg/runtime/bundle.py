@@ -6,7 +6,9 @@ documented in docs/bundle.md. Loading verifies, before anything is used:
 - the manifest parses and its schema version is one this edgeseg reads;
 - every file the manifest lists exists, has the listed size and SHA-256, and has a safe
   relative name (no absolute paths, no `..`);
-- every model form names a listed file, and the shapes/names it declares are consistent.
+- every model form names a listed file, and the shapes/names it declares are consistent;
+- a STIPPLE bundle's prior files (manifest `stipple`) are listed with the same SHA-256, parse, and have the
+  shapes, classes and reference the section records (`Bundle.stipple_prior`).
 
 A bundle that fails any check is refused with one `UserError` line naming the file or field.
 Nothing is unpickled anywhere: the manifest is JSON, models are ONNX protobuf, weights raw bytes.
@@ -30,9 +32,10 @@ from edgeseg.errors import UserError
 from edgeseg.runtime.onnx_wire import WireError, inline_model
 
 FORMAT = "edgeseg-bundle"
-SCHEMA_VERSION = 2  # the newest version this edgeseg reads (and writes, for bundles that need it)
+SCHEMA_VERSION = 3  # the newest version this edgeseg reads (and writes, for bundles that need it)
 BASE_SCHEMA_VERSION = 1  # what bundles without extra model inputs are written as, so older edgeseg still reads them
 EXTRA_INPUTS_SCHEMA_VERSION = 2  # version 2 added `metadata` and `modalities` (extra graph inputs)
+STIPPLE_SCHEMA_VERSION = 3  # version 3 added `stipple`: an older edgeseg would ignore the prior, so it must refuse
 MANIFEST = "manifest.json"
 ARCHIVE_SUFFIX = ".zip"
 BACKENDS = ("onnxruntime", "tensorrt", "any")
@@ -104,6 +107,28 @@ class ModalityInput:
 
 
 @dataclass(frozen=True)
+class StipplePrior:
+    """STIPPLE's spatial prior (schema version 3; Petit et al. 2021, `edgeseg.priors`), copied from the run's
+    RUN/stipple/ into the bundle folder `folder`: prior.json with one prior_<k>.npy per organ, reference.json
+    with reference_label.npy. `files`: bundle file name -> SHA-256, as run.json recorded them at training (each
+    also listed in the manifest's `files`). The runtime places the prior on each volume's softmax probabilities
+    by the KL-minimising translation within +-`max_shift` voxels, searched over the pooling `factors`, onto the
+    reference volume's label smoothed by `reference_smoothing`; floors it at `eps`; and predicts the argmax of
+    q_k p_k / sum_c q_c p_c (`edgeseg.priors.predict.PriorModel`, what `edgeseg evaluate RUN` runs too)."""
+
+    folder: str
+    files: dict[str, str]
+    class_names: list[str]  # the prior's class order (= the manifest's class_names)
+    reference_case: str  # the training volume whose label places the prior
+    num_bins: int
+    boxes: dict[str, list[int]]  # organ name -> prior box (W_p, H_p, dz)
+    eps: float
+    max_shift: int
+    factors: list[int]
+    reference_smoothing: float
+
+
+@dataclass(frozen=True)
 class ModelForm:
     """One runnable ONNX graph of the model."""
 
@@ -157,6 +182,7 @@ class Manifest:
     # output_kind "heatmap": how to decode keypoints {radius_mm, threshold, max_per_class} (+ sigma_mm, match_mm
     # as trained); None = the defaults of edgeseg.data.heatmaps.KeypointDecoding
     keypoints: dict[str, Any] | None = None
+    stipple: StipplePrior | None = None  # STIPPLE runs: the spatial prior the runtime places (schema version 3)
     schema_version: int = BASE_SCHEMA_VERSION
     edgeseg_version: str = __version__
     format: str = FORMAT
@@ -184,7 +210,7 @@ class Manifest:
         # Keep the identifying fields first for people reading the file.
         head = {k: data.pop(k) for k in ("format", "schema_version", "edgeseg_version")}
         data["mc_dropout"] = {"available": self.mc_available, "sites": data.pop("mc_sites")}
-        for key in ("metadata", "modalities", "keypoints"):  # schema version 1 bundles stay as they were
+        for key in ("metadata", "modalities", "keypoints", "stipple"):  # schema version 1 bundles stay as they were
             if data[key] is None:
                 del data[key]
         return {**head, **data}
@@ -380,6 +406,7 @@ def _parse_manifest(data: Any, source: str) -> Manifest:
         mc_sites=sites, sizes=dict(_get(data, "sizes", dict, source, {})),
         parity=dict(_get(data, "parity", dict, source, {})), source=dict(_get(data, "source", dict, source, {})),
         metadata=metadata, modalities=modalities, keypoints=_parse_keypoints(data, source, output_kind),
+        stipple=_parse_stipple(data, source, version, files, spatial_dims, list(class_names), output_kind),
         schema_version=version, edgeseg_version=_get(data, "edgeseg_version", str, source), format=FORMAT,
     )
 
@@ -457,6 +484,52 @@ def _parse_keypoints(data: Mapping[str, Any], source: str, output_kind: str) -> 
     except (UserError, TypeError) as exc:
         raise UserError(f"{source}: keypoints: {exc}") from None
     return dict(section)
+
+
+def _parse_stipple(data: Mapping[str, Any], source: str, version: int, files: Mapping[str, FileEntry],
+                   spatial_dims: int, class_names: list[str], output_kind: str) -> StipplePrior | None:
+    """The `stipple` section (schema version 3): settings as `edgeseg.config.schema.StippleConfig` validates
+    them, its files listed in `files` with the same SHA-256, for a 3D softmax model of the same classes."""
+    section = _get(data, "stipple", (dict, type(None)), source, None)
+    if section is None:
+        return None
+    where = f"{source}: stipple"
+    if version < STIPPLE_SCHEMA_VERSION:
+        raise UserError(f"{source}: field 'stipple' (STIPPLE's prior) needs schema_version {STIPPLE_SCHEMA_VERSION}, "
+                        f"the manifest says {version}")
+    if spatial_dims != 3 or output_kind not in ("logits", "probabilities"):
+        raise UserError(f"{where}: the prior is for a 3D softmax model (spatial_dims 3, output_kind logits or "
+                        f"probabilities), not spatial_dims {spatial_dims}, output_kind {output_kind!r}")
+    folder = safe_member_name(_get(section, "folder", str, where), where)
+    listed = _get(section, "files", dict, where)
+    for name, digest in listed.items():
+        if not isinstance(name, str) or not name.startswith(f"{folder}/"):
+            raise UserError(f"{where}.files: {name!r} is not inside the prior's folder {folder!r}")
+        entry = files.get(safe_member_name(name, where))
+        if entry is None or entry.sha256 != digest:
+            raise UserError(f"{where}.files: {name} is missing from the bundle's files or its SHA-256 differs "
+                            "from the prior's record")
+    names = _names(section, "class_names", where)
+    if names != class_names:
+        raise UserError(f"{where}.class_names {names} differ from the model's class_names {class_names}")
+    boxes = _get(section, "boxes", dict, where)
+    for organ, box in boxes.items():
+        if not (isinstance(box, list) and len(box) == 3 and all(isinstance(b, int) and b > 0 for b in box)):
+            raise UserError(f"{where}.boxes.{organ} must be 3 positive integers, got {box!r}")
+    eps = _get(section, "eps", (int, float), where)
+    max_shift = _get(section, "max_shift", int, where)
+    factors = _int_list(section, "factors", where)
+    smoothing = _get(section, "reference_smoothing", (int, float), where)
+    num_bins = _get(section, "num_bins", int, where)
+    if not 0.0 < eps < 0.5 or max_shift < 0 or not 0.0 <= smoothing < 1.0 or num_bins < 2:
+        raise UserError(f"{where}: eps must be within (0, 0.5), max_shift >= 0, reference_smoothing within [0, 1) "
+                        f"and num_bins >= 2; got {eps}, {max_shift}, {smoothing}, {num_bins}")
+    if factors != sorted(set(factors), reverse=True) or factors[-1] != 1:
+        raise UserError(f"{where}.factors must decrease strictly and end with 1, got {factors}")
+    return StipplePrior(folder=folder, files=dict(listed), class_names=names,
+                        reference_case=_get(section, "reference_case", str, where), num_bins=num_bins,
+                        boxes={str(k): list(v) for k, v in boxes.items()}, eps=float(eps), max_shift=max_shift,
+                        factors=factors, reference_smoothing=float(smoothing))
 
 
 def _check_preprocess(preprocess: dict[str, Any], source: str) -> None:
@@ -580,6 +653,42 @@ class Bundle:
         return ort.InferenceSession(self.model_bytes(form_name), options,
                                     providers=providers or ["CPUExecutionProvider"])
 
+    def stipple_prior(self) -> Any:
+        """The STIPPLE prior the runtime places on each volume (`edgeseg.priors.predict.PriorModel`), read from
+        the bundle with every file's SHA-256 checked; None for other bundles. A file that is missing, changed,
+        malformed, or whose classes, organ boxes, bins or reference differ from the manifest's `stipple` section
+        is a UserError."""
+        spec = self.manifest.stipple
+        if spec is None:
+            return None
+        from edgeseg.priors.predict import PriorModel
+        from edgeseg.priors.reference import read_reference
+        from edgeseg.priors.stipple import read_prior
+
+        def read(name: str) -> bytes:
+            member = f"{spec.folder}/{name}"
+            if member not in spec.files:
+                raise UserError(f"{self.path}: {member} is not listed in the manifest's stipple.files")
+            return self.read_file(member)
+
+        where = f"{self.path}/{spec.folder}"
+        prior, reference = read_prior(read, where), read_reference(read, where)
+        classes = self.manifest.class_names
+        boxes = {o.name: list(o.box) for o in prior.organs}
+        problems = [
+            (list(prior.class_names) != classes, f"classes {list(prior.class_names)} (the model's: {classes})"),
+            ([o.label for o in prior.organs] != list(range(1, len(classes))), "not one organ per foreground class"),
+            (boxes != spec.boxes, f"organ boxes {boxes} (the manifest's: {spec.boxes})"),
+            (prior.num_bins != spec.num_bins, f"{prior.num_bins} bins (the manifest's: {spec.num_bins})"),
+            (reference.name != spec.reference_case or reference.num_classes != len(classes),
+             (f"reference {reference.name!r} with {reference.num_classes} classes (the manifest's: "
+              f"{spec.reference_case!r})")),
+        ]
+        for bad, what in problems:
+            if bad:
+                raise UserError(f"{where}: the STIPPLE prior has {what}; re-export the bundle")
+        return PriorModel(prior, reference, spec.max_shift, tuple(spec.factors), spec.eps, spec.reference_smoothing)
+
 
 def read_manifest(path: Path) -> Manifest:
     """Parse and validate a bundle's manifest without checking file hashes."""
@@ -605,6 +714,7 @@ def load_bundle(path: Path | str, *, verify: bool = True) -> Bundle:
     if verify:
         for name in manifest.files:
             bundle.read_file(name)
+        bundle.stipple_prior()  # a STIPPLE bundle's prior parses and matches its manifest section
     return bundle
 
 

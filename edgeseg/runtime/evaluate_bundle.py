@@ -11,6 +11,9 @@ sidecar, or from the table the run used when it lay under the data root (recorde
 `metadata_table` overrides), normalised with the bundle's recorded statistics; HeMIS cases may lack
 modality files (MSD layout), and `modalities` keeps only those present (cases with none of them are
 skipped and listed), as `edgeseg evaluate RUN --modalities` does.
+
+STIPPLE bundles place their prior on each case as `edgeseg evaluate RUN` does (`pipeline.segment_prepared`);
+the result lists each case's placement under "stipple", as that command's does.
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ def evaluate_bundle(
         raise unknown_name("split", split, SPLIT_CHOICES)
     bundle = load_bundle(bundle_path)
     manifest = bundle.manifest
+    prior = bundle.stipple_prior()  # STIPPLE bundles: placed on every case
     if manifest.output_kind == "heatmap":  # Dice of an argmax over heatmaps would be a meaningless number
         raise UserError(f"{bundle_path} is a keypoint (heatmap) bundle: score its run directory with `edgeseg "
                         "evaluate RUN_DIR` (keypoint metrics); `edgeseg segment` writes its keypoints")
@@ -116,6 +120,7 @@ def evaluate_bundle(
         on_start(engine.description, len(refs))
     per_case: dict[str, Any] = {}
     seconds: list[float] = []  # wall time per volume: preprocessing + tiled inference + postprocessing
+    shifts: dict[str, list[int]] = {}  # STIPPLE: each case's placement (voxels from the reference volume)
     try:
         for ref in refs:
             present = None
@@ -137,7 +142,10 @@ def evaluate_bundle(
             original = prepared.original
             del image
             seg = segment_prepared(prepared, manifest, engine, tta_axes=tta_axes, mc_passes=mc_passes,
-                                   overlap=overlap, batch_size=batch, blend=blend, tile=tile, on_batch=on_batch)
+                                   overlap=overlap, batch_size=batch, blend=blend, tile=tile, on_batch=on_batch,
+                                   prior=prior)
+            if seg.prior_shift is not None:
+                shifts[ref.name] = list(seg.prior_shift)
             seconds.append(time.perf_counter() - started)
             per_case[ref.name] = case_metrics(seg.labels, reference, original.spacing, class_names,
                                               include_background=include_background)
@@ -150,6 +158,8 @@ def evaluate_bundle(
     extra: dict[str, Any] = {}
     if modalities is not None:
         extra = {"modalities": list(modalities), "skipped_cases": skipped}
+    if manifest.stipple is not None:
+        extra["stipple"] = {"reference_case": manifest.stipple.reference_case, "shifts": shifts}
     return {
         "cases": per_case,
         "summary": aggregate(list(per_case.values())),

@@ -29,6 +29,12 @@ Labels are the argmax of the mean probability on the model's grid, mapped back n
 (as `edgeseg evaluate` scores runs, so bundle and run evaluation agree); probabilities and the
 entropy map are mapped back linearly. Output labels are class indices (0 = class_names[0]).
 
+STIPPLE bundles (manifest `stipple`, `Bundle.stipple_prior`): the mean probabilities of the whole volume are
+kept on the model's grid; the prior is placed on them and they are reweighted (`edgeseg.priors.predict.PriorModel`,
+the code `edgeseg evaluate RUN` runs), and the labels are the argmax of the prior-driven probabilities, which are
+also what `probabilities` returns. The placement shift is reported per case (`Segmentation.prior_shift`).
+Per-sample uncertainty outputs are refused for them (the prior is placed on the mean only).
+
 Keypoint bundles (output_kind "heatmap"): the mean heatmaps are the output, written as a float NIfTI with the
 decoded keypoints as JSON beside it (`edgeseg.runtime.keypoints`); no label mask, no uncertainty outputs.
 """
@@ -40,7 +46,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy.special import expit, softmax
@@ -75,6 +81,9 @@ from edgeseg.runtime.uncertainty import (
     remove_uncertain_structures,
     structure_uncertainty,
 )
+
+if TYPE_CHECKING:
+    from edgeseg.priors.predict import PriorModel
 
 DEFAULT_SLICE_AXIS = 2  # 2D models on 3D volumes without a manifest slice_axis: axial planes of the RAS grid
 OnBatch = Callable[[int, int], None]
@@ -129,6 +138,9 @@ def check_options(manifest: Manifest, *, tta_axes: Sequence[int] | None = None, 
             raise UserError("--tta-axes needs at least one axis")
         flip_sets(manifest.spatial_dims, tta_axes)  # validates the axes
     samples = (1 if tta_axes is None else 2 ** len(tta_axes)) * max(mc_passes, 1)
+    if manifest.stipple is not None and (uncertainty or iou_threshold is not None):
+        raise UserError("this STIPPLE bundle places its prior on the mean probabilities of each volume: per-sample "
+                        "uncertainty outputs (--uncertainty, --iou-threshold) are not available for it")
     if (uncertainty or iou_threshold is not None) and samples < 2:
         raise UserError("uncertainty needs several samples: add --tta and/or --mc N (N >= 2)")
     if iou_threshold is not None and not 0.0 <= iou_threshold <= 1.0:
@@ -388,6 +400,7 @@ class Segmentation:
     structures: list[dict[str, Any]] | None  # uncertainty.structure_uncertainty records (+ "removed")
     removed: int
     sampling: Sampling
+    prior_shift: tuple[int, ...] | None = None  # STIPPLE bundles: the prior's translation from the reference volume
 
     def class_volumes_mm3(self, spacing: Sequence[float], class_names: Sequence[str]) -> dict[str, float]:
         counts = np.bincount(self.labels.ravel(), minlength=len(class_names))
@@ -420,8 +433,11 @@ def segment_prepared(prepared: Prepared, manifest: Manifest, backend: Backend, *
                      mc_passes: int = 0, uncertainty: bool = False, probabilities: bool = False, overlap: float = 0.5,
                      batch_size: int = 1, blend: str = "gaussian", tile: Sequence[int] | None = None,
                      iou_threshold: float | None = None, seed: int = 0,
-                     on_batch: OnBatch | None = None) -> Segmentation:
-    """Segment a prepared volume (see `segment_volume`); drops `prepared.image` once the tiles have run."""
+                     on_batch: OnBatch | None = None, prior: PriorModel | None = None) -> Segmentation:
+    """Segment a prepared volume (see `segment_volume`); drops `prepared.image` once the tiles have run.
+    `prior`: a STIPPLE bundle's `Bundle.stipple_prior()`, required exactly for those bundles."""
+    if (manifest.stipple is None) != (prior is None):
+        raise UserError("a STIPPLE bundle needs its prior (pass prior=bundle.stipple_prior()), and only it takes one")
     tile = check_options(manifest, tta_axes=tta_axes, mc_passes=mc_passes, uncertainty=uncertainty, overlap=overlap,
                          batch_size=batch_size, blend=blend, tile=tile, iou_threshold=iou_threshold)
     keep = uncertainty or iou_threshold is not None
@@ -432,16 +448,27 @@ def segment_prepared(prepared: Prepared, manifest: Manifest, backend: Backend, *
     grid = predict_on_grid(prepared.image, predict, num_classes=len(manifest.class_names),
                            num_samples=sampling.num_samples if keep else 1, model_dims=manifest.spatial_dims,
                            tile=tile, slice_axis=slice_axis, overlap=overlap, batch_size=batch_size, blend=blend,
-                           keep_probabilities=probabilities, keep_uncertainty=keep, on_batch=on_batch)
+                           keep_probabilities=probabilities or prior is not None, keep_uncertainty=keep,
+                           on_batch=on_batch)
     prepared.image = np.empty((0,), np.float32)  # the caller's reference no longer pins the input
-    return finish(grid, prepared.original, manifest, sampling, iou_threshold=iou_threshold)
+    shift = None
+    if prior is not None:  # STIPPLE: the prior placed on the whole volume's mean probabilities, then argmax
+        assert grid.probabilities is not None
+        placed = prior.place(grid.probabilities)
+        grid.labels = placed.probabilities.argmax(axis=0).astype(grid.labels.dtype)
+        grid.probabilities = placed.probabilities if probabilities else None
+        shift = placed.shift
+    seg = finish(grid, prepared.original, manifest, sampling, iou_threshold=iou_threshold)
+    seg.prior_shift = shift
+    return seg
 
 
 def segment_volume(volume: Volume, manifest: Manifest, backend: Backend, *, tta_axes: Sequence[int] | None = None,
                    mc_passes: int = 0, uncertainty: bool = False, probabilities: bool = False, overlap: float = 0.5,
                    batch_size: int = 1, blend: str = "gaussian", tile: Sequence[int] | None = None,
                    iou_threshold: float | None = None, seed: int = 0, on_batch: OnBatch | None = None,
-                   metadata: Mapping[str, float] | None = None, present: Sequence[bool] | None = None) -> Segmentation:
+                   metadata: Mapping[str, float] | None = None, present: Sequence[bool] | None = None,
+                   prior: PriorModel | None = None) -> Segmentation:
     """Segment one volume as read by `edgeseg.data.io.read_image`; results on its grid.
 
     tta_axes: None = no TTA, else the model axes whose flips (all 2**n subsets) are averaged;
@@ -449,7 +476,8 @@ def segment_volume(volume: Volume, manifest: Manifest, backend: Backend, *, tta_
     labels for the entropy map and structure figures (needs >= 2 samples); iou_threshold: remove
     structures whose IoU across samples is below it; seed: of the MC masks.
     metadata: raw values by field (bundles with a metadata input; normalised here as in training);
-    present: (M,) which channels (modalities) hold an image (HeMIS bundles; default all).
+    present: (M,) which channels (modalities) hold an image (HeMIS bundles; default all);
+    prior: STIPPLE bundles' `Bundle.stipple_prior()`.
     """
     raw = None
     if manifest.metadata is not None:
@@ -467,7 +495,7 @@ def segment_volume(volume: Volume, manifest: Manifest, backend: Backend, *, tta_
     return segment_prepared(prepared, manifest, backend, tta_axes=tta_axes, mc_passes=mc_passes,
                             uncertainty=uncertainty, probabilities=probabilities, overlap=overlap,
                             batch_size=batch_size, blend=blend, tile=tile, iou_threshold=iou_threshold, seed=seed,
-                            on_batch=on_batch)
+                            on_batch=on_batch, prior=prior)
 
 
 # ------------------------------------------------------------------------------------- files
@@ -507,6 +535,7 @@ class CaseResult:
     volumes_mm3: dict[str, float]
     structures: int | None
     removed: int
+    prior_shift: tuple[int, ...] | None = None  # STIPPLE bundles: the prior's translation (voxels, model grid)
 
 
 def _is_pattern(text: str) -> bool:
@@ -691,9 +720,10 @@ def plan_outputs(cases: Sequence[InputCase], out_dir: Path | str, options: Segme
 
 
 def segment_case(case: InputCase, plan: OutputPaths, manifest: Manifest, engine: Backend, options: SegmentOptions, *,
-                 bundle_path: Path | str, on_batch: OnBatch | None = None) -> CaseResult:
+                 bundle_path: Path | str, on_batch: OnBatch | None = None,
+                 prior: PriorModel | None = None) -> CaseResult:
     """Read, segment and write one case (every file atomically); the unit of work of `segment_files` and of
-    each batch worker."""
+    each batch worker. `prior`: a STIPPLE bundle's `Bundle.stipple_prior()`."""
     from edgeseg.atomic import write_json
 
     started = time.perf_counter()
@@ -706,7 +736,7 @@ def segment_case(case: InputCase, plan: OutputPaths, manifest: Manifest, engine:
                            uncertainty=options.keep_samples, probabilities=options.probabilities,
                            overlap=options.overlap, batch_size=options.batch_size, blend=options.blend,
                            tile=options.tile, iou_threshold=options.iou_threshold, seed=options.seed,
-                           on_batch=on_batch)
+                           on_batch=on_batch, prior=prior)
     del prepared
     if plan.keypoints is not None:  # a keypoint bundle: heatmaps and decoded keypoints
         from edgeseg.runtime.keypoints import write_keypoint_outputs
@@ -724,7 +754,8 @@ def segment_case(case: InputCase, plan: OutputPaths, manifest: Manifest, engine:
         write_json(plan.summary, _summary(case, plan, seg, volumes, original, bundle_path, engine,
                                           options.iou_threshold, seconds, _inputs_record(manifest, case, present)))
     return CaseResult(case=case, outputs=plan, seconds=seconds, volumes_mm3=volumes,
-                      structures=None if seg.structures is None else len(seg.structures), removed=seg.removed)
+                      structures=None if seg.structures is None else len(seg.structures), removed=seg.removed,
+                      prior_shift=seg.prior_shift)
 
 
 def segment_files(
@@ -775,6 +806,7 @@ def segment_files(
     cases = collect_cases(inputs, manifest, options)
     plans = plan_outputs(cases, out_dir, options)
     check_outputs(cases, plans, overwrite)
+    prior = bundle.stipple_prior()
     engine = open_backend(bundle, backend, mc=mc_passes > 0, threads=threads, batch_size=options.batch_size,
                           tile=list(options.tile))
     if on_start is not None:
@@ -782,7 +814,8 @@ def segment_files(
     results = []
     try:
         for case, plan in zip(cases, plans):
-            result = segment_case(case, plan, manifest, engine, options, bundle_path=bundle_path, on_batch=on_batch)
+            result = segment_case(case, plan, manifest, engine, options, bundle_path=bundle_path, on_batch=on_batch,
+                                  prior=prior)
             results.append(result)
             if on_case is not None:
                 on_case(result)

@@ -153,7 +153,8 @@ TIE_BREAK = 1e-6  # weight of the localisation error in the validation score: it
 class KeypointValidation:
     """The loop's validation score for keypoint runs (`FitParts.score`): the mean detection F1 over classes, ties
     broken by the lower pooled localisation error (score = F1 - 1e-6 error / match_mm: matched errors are at most
-    match_mm, so the error never outweighs a difference in F1). F1, error and per-class F1 are logged."""
+    match_mm, so the error never outweighs a difference in F1). F1, pooled precision, recall and error, and
+    per-class F1 are logged. Also `edgeseg quantize`'s score (QAT selection, float vs quantized comparison)."""
 
     def __init__(self, settings: KeypointConfig):
         self.settings = settings
@@ -166,7 +167,8 @@ class KeypointValidation:
         per_class = {c: d["f1"] for c, d in detection.items() if c != "all"}
         error = detection["all"]["error_mm"]
         fields = {"val_keypoint_f1": result["score"], "val_keypoint_f1_per_class": per_class,
-                  "val_keypoint_error_mm": error}
+                  "val_keypoint_precision": detection["all"].get("precision"),
+                  "val_keypoint_recall": detection["all"].get("recall"), "val_keypoint_error_mm": error}
         shown = " ".join(f"{c} {'n/a' if v is None else f'{v:.3f}'}" for c, v in per_class.items())
         text = (f"val keypoint F1 {result['score']:.4f} ({shown}), error "
                 f"{'n/a' if error is None else f'{error:.2f} mm'}")

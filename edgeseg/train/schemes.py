@@ -12,10 +12,12 @@ them into the sampler, loss, output activation and relabelling the training loop
   scheme (naive training reads them as background); under `inerrant` those classes are unknown instead;
 - STIPPLE's 3D spatial prior (Petit et al. 2021): `edgeseg.train.stipple`; the sampler carries each patch's
   prior maps, the loop adds ln p to the logits, validation and evaluation place the prior by translation.
-  A bundle cannot carry the prior yet, so `output_activation` refuses the scheme (quantize and export ask it).
+  Export writes a standard softmax network (`bundle_output_kind`: "logits") plus the run's prior, which the
+  runtime places (`edgeseg.export.stipple_export`); `output_activation` refuses the scheme, which stops quantize.
 - keypoint detection (Count-ception, Cohen et al. 2017; `train.keypoints`): `edgeseg.train.keypoints`; the
   sampler renders Gaussian heatmap targets after augmentation, validation scores detection F1
-  (`validation_score`), bundles read the output as heatmaps (`bundle_output_kind`); quantization refuses it.
+  (`validation_score`, which QAT validates and selects by too), bundles read the output as heatmaps
+  (`bundle_output_kind`).
 """
 
 from __future__ import annotations
@@ -40,10 +42,9 @@ from edgeseg.train.softseg import SoftSegLoss
 from edgeseg.train.stipple import CasePriors, PriorDrivenLoss, RunPrior
 from edgeseg.train.tcp import build_confidence
 
-STIPPLE_REFUSAL = ("train.scheme stipple: the bundle cannot carry the prior yet, so this run cannot be quantized "
-                   "or exported (score it with `edgeseg evaluate`)")
-KEYPOINTS_REFUSAL = ("train.scheme keypoints: `edgeseg quantize` validates and scores by Dice, not by keypoint "
-                     "detection, so keypoint runs cannot be quantized yet (export the float run)")
+STIPPLE_REFUSAL = ("train.scheme stipple: quantization-aware training does not train STIPPLE's prior-driven loss "
+                   "(it has no prior maps), so this run cannot be quantized; export the float run (its bundle "
+                   "carries the prior)")
 
 
 def network_activation(cfg: ExperimentConfig) -> str:
@@ -55,21 +56,22 @@ def network_activation(cfg: ExperimentConfig) -> str:
 
 
 def output_activation(cfg: ExperimentConfig) -> str:
-    """The whole output rule of a run as a bundle would carry it: `network_activation`, except for STIPPLE,
-    whose output also needs the prior, which a bundle cannot carry yet (UserError: quantize and export read
-    this first), and for keypoints, which quantization cannot score yet (export reads `bundle_output_kind`)."""
+    """The whole output rule of a run as quantization reads it: `network_activation`, except for STIPPLE, whose
+    prior-driven loss QAT does not train (UserError: quantize reads this first; export reads `bundle_output_kind`);
+    keypoint runs read "heatmap" (export reads `bundle_output_kind`)."""
     if cfg.train.scheme == "stipple":
         raise UserError(STIPPLE_REFUSAL)
-    if cfg.train.scheme == "keypoints":
-        raise UserError(KEYPOINTS_REFUSAL)
     return network_activation(cfg)
 
 
 def bundle_output_kind(cfg: ExperimentConfig) -> str:
     """The bundle output kind of a run (`edgeseg.runtime.bundle.OUTPUT_KINDS`): "heatmap" for keypoint runs,
-    "normalized_relu" (SoftSeg), "sigmoid_multilabel" (INERRANT), else "logits" (UserError for STIPPLE)."""
+    "normalized_relu" (SoftSeg), "sigmoid_multilabel" (INERRANT), else "logits" (STIPPLE too: its network is a
+    softmax one, and the bundle carries the prior beside it)."""
     if cfg.train.scheme == "keypoints":
         return OUTPUT_KIND
+    if cfg.train.scheme == "stipple":
+        return "logits"
     activation = output_activation(cfg)
     return activation if activation in ("normalized_relu", "sigmoid_multilabel") else "logits"
 

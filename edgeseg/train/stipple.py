@@ -25,10 +25,16 @@ spatial priors for semi-supervised organ segmentation with deep convolutional ne
    the whole volume place the prior by the KL-minimising translation onto the reference's smoothed label
    (`centres_from_probabilities`; why smoothed: `edgeseg.priors.reference`), and the prediction is the argmax
    of q_k p_k / sum_c q_c p_c, which is the prior-driven softmax of the logits wherever q is a softmax (a volume
-   within one tile; with overlapping tiles, of the stitched probabilities).
+   within one tile; with overlapping tiles, of the stitched probabilities). The torch-free
+   `edgeseg.priors.predict.PriorModel` does all of it, for this path and for the runtime alike.
 
-A bundle cannot carry the prior yet: `edgeseg.train.schemes.output_activation` refuses the scheme, which stops
-`edgeseg quantize` and `edgeseg export` before they write anything.
+Export: `edgeseg export` writes the network as for a standard run (softmax logits) and copies RUN/stipple/ into
+BUNDLE/stipple/, each file checked against run.json's sha256 first (`edgeseg.export.stipple_export`); the
+manifest's `stipple` section (schema version 3) holds the settings above. `edgeseg segment` and `edgeseg evaluate
+BUNDLE` then place the prior on the stitched (TTA/MC mean) probabilities of each volume with the same
+`PriorModel`, so they predict what `edgeseg evaluate RUN` predicts (docs/bundle.md). `edgeseg quantize` still
+refuses the scheme (`edgeseg.train.schemes.output_activation`): quantization-aware training does not train the
+prior-driven loss.
 """
 
 from __future__ import annotations
@@ -46,11 +52,10 @@ from torch import nn
 from edgeseg.config.schema import StippleConfig
 from edgeseg.data.cases import PreparedCase
 from edgeseg.errors import UserError
-from edgeseg.priors.activation import reweight_probabilities
+from edgeseg.priors.predict import PriorModel
 from edgeseg.priors.reference import (
     Reference,
     centres_from_label,
-    centres_from_probabilities,
     choose_reference,
     load_reference,
     save_reference,
@@ -73,6 +78,11 @@ class RunPrior:
     def maps(self, centres: Mapping[int, Sequence[int]], shape: Sequence[int]) -> np.ndarray:
         """Per-class prior maps (K, *shape) with each organ centred at `centres[k]` (floored at eps)."""
         return prior_maps(self.prior, centres, shape, self.settings.eps)
+
+    def model(self) -> PriorModel:
+        """The torch-free predictor with this prior and the run's placement settings (what a bundle carries)."""
+        s = self.settings
+        return PriorModel(self.prior, self.reference, s.max_shift, tuple(s.factors), s.eps, s.reference_smoothing)
 
 
 def build_run_prior(cases: Sequence[PreparedCase], class_names: Sequence[str], settings: StippleConfig) -> RunPrior:
@@ -168,11 +178,9 @@ class PriorPredictor:
         """Prior-driven class probabilities of a case. Shape: (K, *S) float32."""
         q = predict_probabilities(model, case.image, self.tile, device, activation="softmax",
                                   inputs=case.model_inputs(self.extra_inputs))
-        s = self.run_prior.settings
-        centres, shift = centres_from_probabilities(q, self.run_prior.reference, s.max_shift, s.factors, s.eps,
-                                                    s.reference_smoothing)
-        self.shifts[case.name] = list(shift)
-        return reweight_probabilities(q, self.run_prior.maps(centres, q.shape[1:]), axis=0, eps=s.eps)
+        placed = self.run_prior.model().place(q)
+        self.shifts[case.name] = list(placed.shift)
+        return placed.probabilities
 
     def __call__(self, model: torch.nn.Module, case: PreparedCase, device: torch.device) -> np.ndarray:
         """Labels (*S) uint8 of a case."""

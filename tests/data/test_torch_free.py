@@ -1,5 +1,5 @@
-"""The shared data modules (and the keypoint decoding the runtime uses) must import without torch: the device
-runtime has none."""
+"""The shared data modules (and the keypoint decoding and STIPPLE prior the runtime uses) must import without
+torch: the device runtime has none."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ def test_data_modules_do_not_import_torch():
         "import edgeseg.data.io, edgeseg.data.preprocess, edgeseg.data.discovery, edgeseg.data.phantoms\n"
         "import edgeseg.data.metadata, edgeseg.data.modalities, edgeseg.data.heatmaps\n"
         "import edgeseg.metrics.keypoints, edgeseg.runtime.keypoints\n"
+        "import edgeseg.priors.predict, edgeseg.priors.stipple, edgeseg.priors.reference, edgeseg.priors.placement\n"
         "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'monai', 'brevitas'))\n"
         "print(','.join(loaded))\n"
     )

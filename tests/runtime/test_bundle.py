@@ -172,7 +172,7 @@ def _edit_manifest(path, edit):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda d: d.update(schema_version=3), "schema version 3 is newer"),
+    (lambda d: d.update(schema_version=4), "schema version 4 is newer"),
     (lambda d: d.update(metadata={"fields": ["age"], "method": "zscore", "mean": [0], "std": [1]}),
      "field 'metadata' .* needs schema_version 2"),
     (lambda d: d.update(schema_version=2, metadata={"fields": ["age"], "method": "zscore", "mean": [0], "std": [1]}),

@@ -1,6 +1,7 @@
 """STIPPLE in training and evaluation (edgeseg.train.stipple): the prior follows each patch through padding, cropping
 and spatial augmentation; the loss reads s + ln p; prediction places the prior by translation; whole runs store the
-prior, resume exactly on it and evaluate with it; quantize and export refuse the scheme.
+prior, resume exactly on it and evaluate with it; quantize refuses the scheme (export carries the prior:
+tests/runtime/test_stipple_runtime.py).
 
 Oracles: an image that carries the prior's own pattern as a marker, loss values worked out by hand, a network whose
 output is known, the uninterrupted run for resume.
@@ -200,11 +201,12 @@ def _boxes_by_hand(run_dir, n):
 def test_stipple_run_stores_its_prior_resumes_on_it_exactly_and_evaluates_with_it(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
+    from edgeseg.priors import predict
     from edgeseg.train import stipple
     from edgeseg.train.experiment import evaluate_run
 
     priors_seen, placements = [], {"n": 0}
-    original_logits, original_place = stipple.prior_logits, stipple.centres_from_probabilities
+    original_logits, original_place = stipple.prior_logits, predict.centres_from_probabilities
 
     def recording_logits(scores, prior, eps):
         priors_seen.append(tuple(prior.shape))
@@ -215,7 +217,7 @@ def test_stipple_run_stores_its_prior_resumes_on_it_exactly_and_evaluates_with_i
         return original_place(*args, **kwargs)
 
     monkeypatch.setattr(stipple, "prior_logits", recording_logits)
-    monkeypatch.setattr(stipple, "centres_from_probabilities", counting_place)
+    monkeypatch.setattr(predict, "centres_from_probabilities", counting_place)
     out = io.StringIO()
     full = _train(tmp_path / "a", console=Console(file=out, width=200))
     assert "on 3 cases" in out.getvalue()  # data.labelled_train_cases
@@ -258,16 +260,13 @@ def test_stipple_run_stores_its_prior_resumes_on_it_exactly_and_evaluates_with_i
     assert set(metrics["summary"]) == {"sphere", "blob", "mean"}
 
 
-def test_quantize_and_export_refuse_a_stipple_run_before_writing(tmp_path):
-    from edgeseg.export.run_export import export_run
+def test_quantize_refuses_a_stipple_run_before_writing(tmp_path):
     from edgeseg.quantize.qat import quantize_run
 
     _train(tmp_path / "run")
-    with pytest.raises(UserError, match="the bundle cannot carry the prior yet"):
+    with pytest.raises(UserError, match="quantization-aware training does not train STIPPLE's prior-driven loss"):
         quantize_run(tmp_path / "run", "8/8", tmp_path / "q", epochs=1, console=QUIET)
-    with pytest.raises(UserError, match="the bundle cannot carry the prior yet"):
-        export_run(tmp_path / "run", tmp_path / "bundle")
-    assert not (tmp_path / "q").exists() and not (tmp_path / "bundle").exists()
+    assert not (tmp_path / "q").exists()
 
 
 # ------------------------------------------------------------------------------------- configuration

@@ -77,7 +77,14 @@ class DataConfig:
 
     root: str = "synthetic"  # a dataset folder, or "synthetic" for the built-in phantoms
     layout: Layout = "auto"
-    splits: str | None = "splits.json"  # relative to root; missing file -> seeded 70/15/15 split
+    # JSON splits file: absolute, relative to the data root, or (when not under the root) relative to the config
+    # file's folder, where `edgeseg train` resolves it to an absolute path in the run's config (so a split can
+    # ship under configs/ beside a read-only dataset); a missing file -> seeded 70/15/15 split
+    splits: str | None = "splits.json"
+    # sidecar layout: label = image stem + the first of these suffixes that exists (e.g. [_gmseg_manual,
+    # _gmseg_goldstandard] keeps the grey-matter labels only: images with none of them are unlabelled cases,
+    # which training and evaluation leave out). None = discovery's default SIDECAR_LABEL_SUFFIXES
+    label_suffixes: tuple[str, ...] | None = None
     spatial_dims: Literal[2, 3] = 3  # dimensionality of the model (2D models can train on 3D volumes)
     slice_axis: int = 2  # for 2D models on 3D volumes: which axis is sliced
     class_names: tuple[str, ...] = ("background", "foreground")
@@ -138,6 +145,17 @@ class DataConfig:
             raise ValueError("synthetic_missing must be within [0, 1)")
         if self.synthetic_missing > 0 and self.synthetic_modalities < 2:
             raise ValueError("synthetic_missing needs synthetic_modalities >= 2 (a case keeps at least one)")
+        if self.label_suffixes is not None:
+            if not self.label_suffixes or not all(s.strip() for s in self.label_suffixes):
+                raise ValueError(f"label_suffixes must be a non-empty list of non-empty strings (e.g. [_seg]), "
+                                 f"got {list(self.label_suffixes)}")
+            if any("/" in s or "\\" in s for s in self.label_suffixes):
+                raise ValueError(f"label_suffixes are file-name endings, not paths: {list(self.label_suffixes)}")
+            if len(set(self.label_suffixes)) != len(self.label_suffixes):
+                raise ValueError(f"label_suffixes lists a suffix twice: {list(self.label_suffixes)}")
+            if self.layout not in ("auto", "sidecar"):
+                raise ValueError(f"label_suffixes applies to the sidecar layout (labels beside their images), "
+                                 f"not to layout '{self.layout}'")
         if self.labelled_train_cases is not None and self.labelled_train_cases < 1:
             raise ValueError(f"labelled_train_cases must be >= 1 (null = every training case), "
                              f"got {self.labelled_train_cases}")

@@ -46,6 +46,7 @@ from edgeseg.train.setup import (
     pick_device,
     preprocess_spec,
     resolve_data_root,
+    with_resolved_splits,
 )
 from edgeseg.train.stipple import (
     RECORD_KEY,
@@ -109,7 +110,9 @@ def train_experiment(cfg: ExperimentConfig, out: Path, *, resume: bool = False, 
     if cfg.data.root == "synthetic":
         cfg = replace(cfg, data=replace(cfg.data, root=str(root.resolve())))
     cfg = with_resolved_table(cfg, root, config_dir)
-    splits = load_data_splits(root, cfg.data.layout, cfg.data.splits, cfg.train.seed, cfg.data.modalities)
+    cfg = with_resolved_splits(cfg, root, config_dir)
+    splits = load_data_splits(root, cfg.data.layout, cfg.data.splits, cfg.train.seed, cfg.data.modalities,
+                              label_suffixes=cfg.data.label_suffixes)
     if cfg.data.partial_labels is not None:  # checked against the data, and kept in the run's config as a mapping
         names = [c.name for c in (*splits.train, *splits.val, *splits.test)]
         record = resolve_partial_labels(cfg.data.partial_labels, cfg.data.class_names, root, names)
@@ -206,7 +209,8 @@ def evaluate_run(run_dir: Path, *, data: Path | None, split: str, console: Conso
     if not root.is_dir():
         raise UserError(f"data folder not found: {root} (pass --data)")
     extra_inputs = check_extra_inputs(cfg)
-    splits = load_data_splits(root, cfg.data.layout, cfg.data.splits, cfg.train.seed, cfg.data.modalities)
+    splits = load_data_splits(root, cfg.data.layout, cfg.data.splits, cfg.train.seed, cfg.data.modalities,
+                              label_suffixes=cfg.data.label_suffixes)
     spec = PreprocessSpec.from_dict(info.preprocess)
     refs = splits.get(split)
     cases = load_cases(refs, spec, len(info.class_names), console, f"{split} cases")

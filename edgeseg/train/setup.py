@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from edgeseg.config import ExperimentConfig, ModalitiesConfig, TrainConfig
-from edgeseg.data.discovery import CaseRef, discover_cases, load_splits
+from edgeseg.data.discovery import SIDECAR_LABEL_SUFFIXES, CaseRef, discover_cases, load_splits
 from edgeseg.data.preprocess import PreprocessSpec
 from edgeseg.errors import UserError
 
@@ -45,6 +45,20 @@ def resolve_data_root(cfg: ExperimentConfig, out: Path, config_dir: Path | None)
     return root
 
 
+def with_resolved_splits(cfg: ExperimentConfig, root: Path, config_dir: Path | None) -> ExperimentConfig:
+    """data.splits as the run records it: unchanged when absolute, None or a file under the data root (so
+    `evaluate --data` reads the other folder's split); else, when the file lies beside the config, its absolute
+    path (a split shipped under configs/ for a read-only dataset). Otherwise unchanged: a missing file means
+    the seeded split, as before."""
+    splits = cfg.data.splits
+    if splits is None:
+        return cfg
+    path = Path(splits).expanduser()
+    if path.is_absolute() or (root / path).is_file() or config_dir is None or not (config_dir / path).is_file():
+        return cfg
+    return replace(cfg, data=replace(cfg.data, splits=str((config_dir / path).resolve())))
+
+
 @dataclass
 class Splits:
     root: Path
@@ -62,10 +76,15 @@ class Splits:
 
 
 def load_data_splits(root: Path, layout: str, splits_file: str | None, seed: int,
-                     modalities: ModalitiesConfig | None = None) -> Splits:
-    """The dataset's cases by split; with `modalities` (HeMIS data) cases may lack some channel files."""
+                     modalities: ModalitiesConfig | None = None, *,
+                     label_suffixes: Sequence[str] | None = None) -> Splits:
+    """The dataset's cases by split; with `modalities` (HeMIS data) cases may lack some channel files.
+
+    label_suffixes: data.label_suffixes (sidecar layout); None = discovery's default list.
+    """
     cases = discover_cases(root, layout, missing_channels=modalities is not None,
-                           channels=len(modalities.names) if modalities is not None and modalities.names else None)
+                           channels=len(modalities.names) if modalities is not None and modalities.names else None,
+                           label_suffixes=SIDECAR_LABEL_SUFFIXES if label_suffixes is None else tuple(label_suffixes))
     splits = load_splits(root, splits_file, cases, seed=seed)
     return Splits(root, list(splits.get("train", [])), list(splits.get("val", [])), list(splits.get("test", [])))
 

@@ -67,6 +67,11 @@ def evaluate(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --json file.")] = False,
     modalities: Annotated[Optional[str], typer.Option(
         "--modalities", help="HeMIS runs and bundles: score with only these modalities present, e.g. mod0,mod2.")] = None,
+    splits: Annotated[Optional[Path], typer.Option(
+        "--splits", help="Bundles: the JSON split file (default: DATA/splits.json, else the seeded split).")] = None,
+    label_suffixes: Annotated[Optional[str], typer.Option(
+        "--label-suffixes", help="Bundles, sidecar layout: the label file endings, e.g. _gmseg_manual,_gmseg_goldstandard "
+                                 "(the run's data.label_suffixes).")] = None,
 ) -> None:
     """Per-case and mean metrics on a data split: of a trained model, or of a bundle through the device runtime."""
     from edgeseg.atomic import write_json
@@ -83,9 +88,15 @@ def evaluate(
 
         if data is None:
             raise UserError("evaluating a bundle needs --data DATASET_FOLDER")
+        if splits is not None and not splits.is_file():
+            raise UserError(f"--splits file not found: {splits}")
         result = evaluate_bundle(run_dir, data, split, include_background=include_background,
-                                 modalities=parse_names(modalities, "--modalities"))
+                                 modalities=parse_names(modalities, "--modalities"),
+                                 splits_file="splits.json" if splits is None else str(splits.resolve()),
+                                 label_suffixes=parse_names(label_suffixes, "--label-suffixes"))
     else:
+        if splits is not None or label_suffixes is not None:
+            raise UserError("--splits and --label-suffixes apply to bundles; a run directory uses its own config's")
         from edgeseg.train.experiment import evaluate_run
 
         chosen = None if modalities is None else [m.strip() for m in modalities.split(",") if m.strip()]

@@ -87,7 +87,8 @@ def run_demo(out: Path, *, data: Path | None, overwrite: bool, console: Console)
             console.print(f"  {line}")
     console.rule("5/6 segment the test volumes with the 4/6 bundle (torch-free runtime, flip TTA + MC dropout)")
     info = RunDir(run_dir).read_info()
-    splits = load_data_splits(Path(info.data_root or ""), cfg.data.layout, cfg.data.splits, cfg.train.seed)
+    splits = load_data_splits(Path(info.data_root or ""), cfg.data.layout, cfg.data.splits, cfg.train.seed,
+                              label_suffixes=cfg.data.label_suffixes)
     test_images = [str(path) for ref in splits.get("test") for path in ref.images[:1]]
     segmented = out / "segmentations"
     results = segment_files(quant_bundle, test_images, segmented, tta=True, mc_passes=2, uncertainty=True)

@@ -85,13 +85,14 @@ class DatasetInfo:
 
 
 def discover_cases(
-    root: Path, layout: str = "auto", *, label_suffixes: Sequence[str] = SIDECAR_LABEL_SUFFIXES,
+    root: Path, layout: str = "auto", *, label_suffixes: Sequence[str] | None = None,
     missing_channels: bool = False, channels: int | None = None,
 ) -> list[CaseRef]:
     """All cases under `root` in `layout` (see the module docstring), sorted naturally by name.
 
     missing_channels: allow MSD cases without some channel files (their indices go to
     `CaseRef.missing_channels`); `channels` is the expected channel count when dataset.json gives none.
+    label_suffixes: the sidecar layout's label endings (data.label_suffixes); None = SIDECAR_LABEL_SUFFIXES.
     """
     root = Path(root)
     if not root.is_dir():
@@ -107,7 +108,7 @@ def discover_cases(
     elif layout == "bids":
         cases = _bids(root)
     else:
-        cases = _sidecar(root, tuple(label_suffixes))
+        cases = _sidecar(root, SIDECAR_LABEL_SUFFIXES if label_suffixes is None else tuple(label_suffixes))
     if not cases:
         raise UserError(f"no cases found in {root} (layout '{layout}'; supported image files: "
                         ".nii, .nii.gz, .png, .tif, .tiff)")

@@ -116,7 +116,8 @@ def quantize_run(
     root = Path(data) if data is not None else Path(info.data_root or "")
     if not root.is_dir():
         raise UserError(f"data folder not found: {root} (pass --data)")
-    splits = load_data_splits(root, cfg.data.layout, cfg.data.splits, cfg.train.seed)
+    splits = load_data_splits(root, cfg.data.layout, cfg.data.splits, cfg.train.seed,
+                              label_suffixes=cfg.data.label_suffixes)
     pspec = PreprocessSpec.from_dict(info.preprocess)
     num_classes = len(info.class_names)
     train_cases = load_cases(labelled_train_refs(cfg, splits.get("train")), pspec, num_classes, console, "train cases")

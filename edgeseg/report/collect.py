@@ -52,7 +52,7 @@ def load_evaluator(spec: str = DEFAULT_EVALUATOR) -> Evaluate:
 def default_evaluate(bundle: Path, data: Path | None, split: str, **options: Any) -> dict[str, Any]:
     """The runtime evaluator on the CPU ONNX Runtime backend; `data` is required (see `run_evaluation`).
 
-    options: evaluate_bundle's keyword options (include_background, layout, splits_file, seed).
+    options: evaluate_bundle's keyword options (include_background, layout, splits_file, seed, label_suffixes).
     """
     if data is None:
         raise UserError("no dataset folder to evaluate on: pass --data")
@@ -75,7 +75,8 @@ def run_evaluation(run: Path, data: Path | None, evaluate: Evaluate) -> tuple[Pa
         data = Path(info.data_root)
     if evaluate is default_evaluate:
         evaluate = functools.partial(default_evaluate, include_background=info.evaluate_background,
-                                     layout=cfg.data.layout, splits_file=cfg.data.splits, seed=cfg.train.seed)
+                                     layout=cfg.data.layout, splits_file=cfg.data.splits, seed=cfg.train.seed,
+                                     label_suffixes=cfg.data.label_suffixes)
     return data, evaluate
 
 

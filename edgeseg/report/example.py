@@ -6,6 +6,7 @@ Torch-free, like the rest of the report's evaluation: the figure shows what the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,8 @@ def busiest_slice(labels: np.ndarray, axis: int) -> int:
 
 
 def segment_example(setting: str, bundle_path: Path, data: Path, split: str = "test", *, layout: str = "auto",
-                    splits_file: str | None = "splits.json", seed: int = 0) -> ExampleSlice:
+                    splits_file: str | None = "splits.json", seed: int = 0,
+                    label_suffixes: Sequence[str] | None = None) -> ExampleSlice:
     """Segment the first labelled case of the split with TTA (+ MC dropout) and cut its busiest slice."""
     from edgeseg.data.discovery import discover_cases, load_splits
     from edgeseg.data.io import read_image
@@ -51,7 +53,7 @@ def segment_example(setting: str, bundle_path: Path, data: Path, split: str = "t
 
     bundle = load_bundle(bundle_path)
     manifest = bundle.manifest
-    cases = discover_cases(Path(data), layout)
+    cases = discover_cases(Path(data), layout, label_suffixes=label_suffixes)
     refs = cases if split == "all" else load_splits(Path(data), splits_file, cases, seed=seed).get(split, [])
     if not refs:
         raise UserError(f"{data}: no cases in the '{split}' split for the example slice")

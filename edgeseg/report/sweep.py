@@ -188,9 +188,10 @@ def export_existing_runs(out: Path, runs: Sequence[Path]) -> tuple[list[tuple[st
 
 
 def _split_options(evaluate: Evaluate) -> dict[str, Any]:
-    """How the evaluator finds the split (layout, split file, seed), so the example uses the same cases."""
+    """How the evaluator finds the split (layout, split file, seed, label files), so the example uses the same
+    cases."""
     keywords = getattr(evaluate, "keywords", {})
-    return {k: keywords[k] for k in ("layout", "splits_file", "seed") if k in keywords}
+    return {k: keywords[k] for k in ("layout", "splits_file", "seed", "label_suffixes") if k in keywords}
 
 
 def run_existing(out: Path, settings: Sequence[tuple[str, Path]], *, data: Path | None, split: str = "test",

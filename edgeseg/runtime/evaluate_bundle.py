@@ -56,6 +56,7 @@ def evaluate_bundle(
     layout: str = "auto",
     splits_file: str | None = "splits.json",
     seed: int = 0,
+    label_suffixes: Sequence[str] | None = None,
     include_background: bool = False,
     backend: str = "auto",
     tta: bool = False,
@@ -75,7 +76,8 @@ def evaluate_bundle(
     """Per-case and summary metrics of a bundle on a split of a dataset folder.
 
     The split comes from `data/splits_file` (or the seeded 70/15/15 split `edgeseg train` uses when
-    the file is absent); "all" scores every labelled case. Unlabelled cases are skipped.
+    the file is absent); "all" scores every labelled case. Unlabelled cases are skipped. `label_suffixes`: the
+    sidecar label files (the run's data.label_suffixes; None = discovery's default list).
     `modalities` (HeMIS bundles): score with only these modalities present; `metadata_table` (FiLM
     bundles): read the metadata from this CSV/TSV instead of the recorded table or the sidecars.
     """
@@ -100,7 +102,8 @@ def evaluate_bundle(
                                                                                                 modalities)
     root = Path(data)
     hetero = manifest.modalities is not None
-    cases = discover_cases(root, layout, missing_channels=hetero, channels=manifest.in_channels if hetero else None)
+    cases = discover_cases(root, layout, missing_channels=hetero, channels=manifest.in_channels if hetero else None,
+                           label_suffixes=label_suffixes)
     if split == "all":
         refs = [c for c in cases if c.label is not None]
     else:

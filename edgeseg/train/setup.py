@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from edgeseg.config import ExperimentConfig, ModalitiesConfig, TrainConfig
-from edgeseg.data.discovery import SIDECAR_LABEL_SUFFIXES, CaseRef, discover_cases, load_splits
+from edgeseg.data.discovery import CaseRef, discover_cases, load_splits
 from edgeseg.data.preprocess import PreprocessSpec
 from edgeseg.errors import UserError
 
@@ -84,7 +84,7 @@ def load_data_splits(root: Path, layout: str, splits_file: str | None, seed: int
     """
     cases = discover_cases(root, layout, missing_channels=modalities is not None,
                            channels=len(modalities.names) if modalities is not None and modalities.names else None,
-                           label_suffixes=SIDECAR_LABEL_SUFFIXES if label_suffixes is None else tuple(label_suffixes))
+                           label_suffixes=label_suffixes)
     splits = load_splits(root, splits_file, cases, seed=seed)
     return Splits(root, list(splits.get("train", [])), list(splits.get("val", [])), list(splits.get("test", [])))
 

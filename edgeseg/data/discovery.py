@@ -30,7 +30,6 @@ Hidden files (".x", macOS "._x") and non-image files are ignored.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -40,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeseg.data.io import RASTER_SUFFIXES, file_suffix, is_image_file, strip_suffix
+from edgeseg.data.jsonfile import read_json_object
 from edgeseg.errors import UserError, unknown_name
 
 LAYOUTS = ("auto", "pairs", "msd", "bids", "png", "sidecar")
@@ -186,12 +186,7 @@ def dataset_info(root: Path) -> DatasetInfo | None:
     path = Path(root) / "dataset.json"
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
+    data = read_json_object(path, "dataset description")
     channels = data.get("channel_names", data.get("modality", {})) or {}
     labels = data.get("labels", {}) or {}
     try:
@@ -343,12 +338,7 @@ def split_names(names: Sequence[str], seed: int, fractions: Sequence[float] = SP
 
 
 def _read_splits(path: Path, cases: list[CaseRef]) -> dict[str, list[CaseRef]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: not a readable JSON splits file ({exc})") from exc
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected {{\"train\": [...], \"val\": [...], \"test\": [...]}}")
+    data = read_json_object(path, "splits file", '{"train": [...], "val": [...], "test": [...]}')
     by_name = {c.name: c for c in cases}
     by_stem = {strip_suffix(c.name): c for c in cases}
     out: dict[str, list[CaseRef]] = {}

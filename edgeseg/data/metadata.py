@@ -19,7 +19,6 @@ evaluation and export, never refitted on other data.
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import numpy as np
 
 from edgeseg.data.discovery import CaseRef
 from edgeseg.data.io import strip_suffix
+from edgeseg.data.jsonfile import read_json_object
 from edgeseg.errors import UserError, unknown_name
 
 NORMALIZATIONS = ("zscore", "none")
@@ -80,12 +80,7 @@ def _sidecar_vector(ref: CaseRef, fields: tuple[str, ...]) -> np.ndarray:
     if not path.is_file():
         raise UserError(f"case '{ref.name}': metadata sidecar {path} not found (data.metadata reads fields "
                         f"{list(fields)} from a JSON file beside each image, or set data.metadata.table)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"case '{ref.name}': metadata sidecar {path} is not readable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"case '{ref.name}': metadata sidecar {path} must hold a JSON object")
+    data = read_json_object(path, f"case '{ref.name}': metadata sidecar")
     values = []
     for field in fields:
         if field not in data:

@@ -28,7 +28,6 @@ the labels the uninterrupted run did. edgeseg's models keep one output channel p
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -42,6 +41,7 @@ from rich.console import Console
 from edgeseg.config.schema import check_partial_labels
 from edgeseg.data.cases import PreparedCase
 from edgeseg.data.io import strip_suffix
+from edgeseg.data.jsonfile import read_json_object
 from edgeseg.errors import UserError, suggest
 from edgeseg.runtime.bundle import MULTILABEL_BACKGROUND
 from edgeseg.train import distributed
@@ -67,12 +67,7 @@ def resolve_partial_labels(spec: str | Mapping[str, Sequence[str]] | None, class
         path = path if path.is_absolute() else Path(root) / path
         if not path.is_file():
             raise UserError(f"data.partial_labels: file not found: {path}")
-        try:
-            spec = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UserError(f"{path}: not a readable JSON file ({exc})") from None
-        if not isinstance(spec, dict):
-            raise UserError(f"{path}: expected {{\"case name\": [annotated class names], ...}}")
+        spec = read_json_object(path, "data.partial_labels file", '{"case name": [annotated class names], ...}')
         source = str(path)
     try:
         check_partial_labels(dict(spec), tuple(class_names), source)

@@ -89,7 +89,7 @@ def test_msd_channel_errors(tmp_path):
     with pytest.raises(UserError, match="2 channel file.*dataset.json lists 1"):
         discover_cases(tmp_path, "msd")
     (tmp_path / "dataset.json").write_text("{not json")
-    with pytest.raises(UserError, match="dataset.json: not valid JSON"):
+    with pytest.raises(UserError, match="dataset description .*dataset.json is not readable JSON"):
         discover_cases(tmp_path, "msd")
 
 
@@ -180,7 +180,7 @@ def test_split_errors(pairs):
     with pytest.raises(UserError, match='"train" must be a list'):
         load_splits(root, "splits.json", cases)
     path.write_text("[1, 2")
-    with pytest.raises(UserError, match="splits.json: not a readable JSON"):
+    with pytest.raises(UserError, match="splits file .*splits.json is not readable JSON"):
         load_splits(root, "splits.json", cases)
     with pytest.raises(UserError, match="no cases"):
         load_splits(root, "splits.json", [])

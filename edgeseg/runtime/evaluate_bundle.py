@@ -14,6 +14,11 @@ skipped and listed), as `edgeseg evaluate RUN --modalities` does.
 
 STIPPLE bundles place their prior on each case as `edgeseg evaluate RUN` does (`pipeline.segment_prepared`);
 the result lists each case's placement under "stipple", as that command's does.
+
+Keypoint bundles (output_kind "heatmap") are scored as `edgeseg evaluate RUN` scores keypoint runs: each case's
+mean heatmaps on the input's grid are decoded with the manifest's `keypoints` rule and matched in world mm to the
+keypoints of its label volume within `keypoints.match_mm` (`edgeseg.runtime.keypoints.score_keypoints`, the same
+function); the result has that command's layout ("cases", "summary", "detection", "score", "keypoints").
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from edgeseg.data.metadata import read_metadata
 from edgeseg.data.preprocess import PreprocessSpec, remap_labels
 from edgeseg.errors import UserError, unknown_name
 from edgeseg.metrics import aggregate, case_metrics
+from edgeseg.metrics.keypoints import summarize_keypoints
 from edgeseg.runtime.case_inputs import (
     assemble_modalities,
     check_input_options,
@@ -69,6 +75,7 @@ def evaluate_bundle(
     threads: int | None = None,
     modalities: Sequence[str] | None = None,
     metadata_table: Path | str | None = None,
+    match_mm: float | None = None,
     on_start: Callable[[str, int], None] | None = None,
     on_batch: OnBatch | None = None,
     on_case: Callable[[str], None] | None = None,
@@ -80,6 +87,7 @@ def evaluate_bundle(
     sidecar label files (the run's data.label_suffixes; None = discovery's default list).
     `modalities` (HeMIS bundles): score with only these modalities present; `metadata_table` (FiLM
     bundles): read the metadata from this CSV/TSV instead of the recorded table or the sidecars.
+    Keypoint bundles: `match_mm` overrides the matching radius the manifest records (`match_distance`).
     """
     from edgeseg.runtime.backends import open_backend
     from edgeseg.runtime.bundle import load_bundle
@@ -89,9 +97,12 @@ def evaluate_bundle(
     bundle = load_bundle(bundle_path)
     manifest = bundle.manifest
     prior = bundle.stipple_prior()  # STIPPLE bundles: placed on every case
-    if manifest.output_kind == "heatmap":  # Dice of an argmax over heatmaps would be a meaningless number
-        raise UserError(f"{bundle_path} is a keypoint (heatmap) bundle: score its run directory with `edgeseg "
-                        "evaluate RUN_DIR` (keypoint metrics); `edgeseg segment` writes its keypoints")
+    keypoints = manifest.output_kind == "heatmap"  # scored by keypoint matching, not by Dice of an argmax
+    if keypoints and include_background:
+        raise UserError(f"{bundle_path} is a keypoint (heatmap) bundle: its channel 0 is unused, so there is no "
+                        "background to score (drop --include-background)")
+    if not keypoints and match_mm is not None:
+        raise UserError("match_mm applies to keypoint (heatmap) bundles only")
     batch = manifest.batch if batch_size is None else batch_size
     if tta_axes is None and tta:
         tta_axes = list(range(manifest.spatial_dims))
@@ -121,7 +132,13 @@ def evaluate_bundle(
     engine = open_backend(bundle, backend, mc=mc_passes > 0, threads=threads, batch_size=batch, tile=tile)
     if on_start is not None:
         on_start(engine.description, len(refs))
+    if keypoints:
+        from edgeseg.runtime.keypoints import keypoint_decoding, match_distance, score_keypoints
+
+        decoding = keypoint_decoding(manifest)
+        match = match_distance(manifest) if match_mm is None else float(match_mm)
     per_case: dict[str, Any] = {}
+    decoded: dict[str, list[dict]] = {}  # keypoint bundles: each case's decoded keypoints
     seconds: list[float] = []  # wall time per volume: preprocessing + tiled inference + postprocessing
     shifts: dict[str, list[int]] = {}  # STIPPLE: each case's placement (voxels from the reference volume)
     try:
@@ -146,12 +163,17 @@ def evaluate_bundle(
             del image
             seg = segment_prepared(prepared, manifest, engine, tta_axes=tta_axes, mc_passes=mc_passes,
                                    overlap=overlap, batch_size=batch, blend=blend, tile=tile, on_batch=on_batch,
-                                   prior=prior)
+                                   prior=prior, probabilities=keypoints)
             if seg.prior_shift is not None:
                 shifts[ref.name] = list(seg.prior_shift)
             seconds.append(time.perf_counter() - started)
-            per_case[ref.name] = case_metrics(seg.labels, reference, original.spacing, class_names,
-                                              include_background=include_background)
+            if keypoints:
+                assert seg.probabilities is not None  # the mean heatmaps on the input's grid
+                per_case[ref.name], decoded[ref.name] = score_keypoints(seg.probabilities, reference, original,
+                                                                        class_names, decoding, match)
+            else:
+                per_case[ref.name] = case_metrics(seg.labels, reference, original.spacing, class_names,
+                                                  include_background=include_background)
             if on_case is not None:
                 on_case(ref.name)
     finally:
@@ -163,9 +185,16 @@ def evaluate_bundle(
         extra = {"modalities": list(modalities), "skipped_cases": skipped}
     if manifest.stipple is not None:
         extra["stipple"] = {"reference_case": manifest.stipple.reference_case, "shifts": shifts}
+    settings: dict[str, Any] = {}
+    if keypoints:  # the layout of `edgeseg evaluate RUN` for keypoint runs: summary, detection, score, keypoints
+        scores: dict[str, Any] = {**summarize_keypoints(list(per_case.values())), "keypoints": decoded}
+        sigma = (manifest.keypoints or {}).get("sigma_mm")
+        settings = {"match_mm": match, **({} if sigma is None else {"sigma_mm": sigma}), **decoding.to_dict()}
+    else:
+        scores = {"summary": aggregate(list(per_case.values()))}
     return {
         "cases": per_case,
-        "summary": aggregate(list(per_case.values())),
+        **scores,
         "bundle": str(bundle_path),
         "backend": engine.description,
         "split": split,
@@ -173,6 +202,6 @@ def evaluate_bundle(
         "seconds_per_case": seconds,
         "settings": {"tile": tile, "overlap": overlap, "blend": blend, "batch_size": batch,
                      "tta_axes": None if tta_axes is None else list(tta_axes), "mc_passes": mc_passes,
-                     "include_background": include_background},
+                     "include_background": include_background, **settings},
         **extra,
     }

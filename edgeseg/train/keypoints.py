@@ -32,15 +32,13 @@ from edgeseg.data.cases import PreparedCase
 from edgeseg.data.heatmaps import (
     Keypoint,
     KeypointDecoding,
-    decode_keypoints,
     gaussian_heatmaps,
     keypoints_from_label_volume,
     move_keypoints,
-    world_positions,
 )
 from edgeseg.data.preprocess import PreprocessSpec, undo_spatial
-from edgeseg.metrics.keypoints import case_keypoint_metrics, summarize_keypoints
-from edgeseg.runtime.keypoints import keypoint_records
+from edgeseg.metrics.keypoints import summarize_keypoints
+from edgeseg.runtime.keypoints import score_keypoints
 from edgeseg.train.inference import predict_probabilities
 from edgeseg.train.loop import FitParts, ValScore
 
@@ -103,13 +101,6 @@ def predict_heatmaps(model: torch.nn.Module, image: np.ndarray, tile: tuple[int,
     return predict_probabilities(model, image, tile, device, activation=HEATMAP_ACTIVATION, inputs=inputs)
 
 
-def _by_class(points: Sequence[Keypoint], affine: np.ndarray, class_names: Sequence[str]) -> dict[str, np.ndarray]:
-    """World positions (N, 3) per foreground class name (every class listed, maybe with none)."""
-    world = world_positions([p.position for p in points], affine)
-    return {name: world[[i for i, p in enumerate(points) if p.label == k]].reshape(-1, 3)
-            for k, name in enumerate(class_names) if k > 0}
-
-
 def score_keypoint_case(case: PreparedCase, heatmaps: np.ndarray, spec: PreprocessSpec, class_names: Sequence[str],
                         settings: KeypointConfig) -> tuple[dict[str, Any], list[dict]]:
     """One case's metrics (`case_keypoint_metrics`) and its decoded keypoint records, on its original grid.
@@ -117,13 +108,8 @@ def score_keypoint_case(case: PreparedCase, heatmaps: np.ndarray, spec: Preproce
     if case.original_label is None:
         raise ValueError(f"case {case.name} has no reference keypoints")
     original = undo_spatial(heatmaps, spec, case.original)
-    labels = range(1, len(class_names))
-    predicted = decode_keypoints(original[1:], case.original.spacing, labels, decoding(settings))
-    reference = keypoints_from_label_volume(case.original_label, labels)
-    affine = case.original.affine
-    metrics = case_keypoint_metrics(_by_class(predicted, affine, class_names),
-                                    _by_class(reference, affine, class_names), settings.match_mm)
-    return metrics, keypoint_records(predicted, affine, class_names)
+    return score_keypoints(original, case.original_label, case.original, class_names, decoding(settings),
+                           settings.match_mm)
 
 
 def evaluate_keypoints(model: torch.nn.Module, cases: Sequence[PreparedCase], spec: PreprocessSpec,

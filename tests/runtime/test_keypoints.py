@@ -1,5 +1,6 @@
 """Keypoint bundles (output_kind "heatmap"): manifest section, the runtime's heatmap activation, and export ->
 `edgeseg segment` end to end: heatmaps NIfTI + keypoints JSON that agree with PyTorch's decoded heatmaps.
+(`edgeseg evaluate BUNDLE` on keypoint bundles: tests/runtime/test_evaluate_keypoints.py.)
 
 Oracles: sigmoid values by hand; the PyTorch model run on the same preprocessed image, decoded with the same
 rule; world coordinates from nibabel's own `apply_affine` on the input file's affine.
@@ -107,10 +108,3 @@ def test_export_and_segment_write_keypoints_that_match_pytorch(tmp_path):
         world = nib.affines.apply_affine(nib.load(str(path)).affine, [*p.position, 0.0])  # as stored (float32)
         np.testing.assert_allclose(r["world_mm"], world, atol=1e-9)
         assert np.abs(np.asarray(r["world_mm"][:2]) - r["voxel"]).min() > 0.1  # world is not voxel
-
-    # a heatmap bundle has no Dice to score: runtime evaluation refuses it in one line
-    from edgeseg.errors import UserError
-    from edgeseg.runtime.evaluate_bundle import evaluate_bundle
-
-    with pytest.raises(UserError, match="keypoint \\(heatmap\\) bundle"):
-        evaluate_bundle(bundle, tmp_path, "test")

@@ -63,6 +63,14 @@ from edgeseg.train.setup import configure_torch, labelled_train_refs, load_data_
 SETTABLE_SECTIONS = ("quant", "train")
 
 
+def check_quantizable(cfg: ExperimentConfig) -> None:
+    """UserError when a run of `cfg` cannot be quantized: its model says so (e.g. one fed extra inputs) or its
+    training scheme's output needs what QAT does not train (STIPPLE's prior). `edgeseg report` asks before it
+    trains the float run, so a float-only method is refused in seconds, not after training."""
+    require_capability(cfg.model.name, "quantizable", "quantized")
+    schemes.output_activation(cfg)
+
+
 def quantize_run(
     run_dir: Path,
     bits: str | None,
@@ -84,7 +92,7 @@ def quantize_run(
     run_dir, out = Path(run_dir), Path(out)
     parent = RunDir(run_dir)
     cfg, info = parent.read_config(), parent.read_info()
-    require_capability(cfg.model.name, "quantizable", "quantized")  # e.g. models fed extra inputs
+    check_quantizable(cfg)
     if info.bits != "fp32" or info.parent_run is not None:
         raise UserError(f"{run_dir} is already a quantized run ({info.bits}); quantize its float parent "
                         f"{info.parent_run} instead")

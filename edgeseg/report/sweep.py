@@ -70,6 +70,25 @@ def _quant_finished(qrun: Path) -> bool:
         return False
 
 
+def _check_quantizable(out: Path, config: Path | None, overrides: Sequence[str]) -> None:
+    """Refuse quantized settings of a run that cannot be quantized before any training (the reason + a way out)."""
+    from edgeseg.config import load_experiment
+    from edgeseg.quantize.qat import check_quantizable
+    from edgeseg.train.rundir import RunDir
+
+    existing = RunDir(out / "float_run")
+    if config is not None:
+        cfg = load_experiment(config, list(overrides))
+    elif existing.config_path.is_file():
+        cfg = existing.read_config()
+    else:
+        return  # ensure_float_run says what is missing
+    try:
+        check_quantizable(cfg)
+    except UserError as exc:
+        raise UserError(f"{exc}; for a float-only report pass --bits fp32") from None
+
+
 def ensure_float_run(out: Path, *, config: Path | None, overrides: Sequence[str], console: Console) -> Path:
     """out/float_run, trained from `config` if absent and resumed if unfinished; returns its path."""
     from edgeseg.config import load_experiment
@@ -134,6 +153,8 @@ def run_sweep(out: Path, bits: Sequence[str] = DEFAULT_BITS, *, config: Path | N
     console = console or Console()
     out = Path(out)
     names = [str(parse_bits(b)) for b in bits]
+    if not all(parse_bits(n).is_float for n in names):
+        _check_quantizable(out, config, overrides)
     float_run = ensure_float_run(out, config=config, overrides=overrides, console=console)
     data_for_eval, evaluate = run_evaluation(float_run, data, evaluate)
     built: list[tuple[str, Path]] = []

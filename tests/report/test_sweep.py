@@ -109,3 +109,21 @@ def test_sweep_writes_report_then_resumes(tmp_path, spies, fake_evaluator):
     results = run_existing(other, settings, data=None, evaluate=fake, measure_memory=None, failed=failed)
     assert [s["status"] for s in results["settings"]] == ["ok", "ok", "failed"]
     assert (other / "report.html").is_file()
+
+
+@pytest.mark.parametrize("extra, reason", [
+    ("train:\n  scheme: stipple\ndata:\n  labelled_train_cases: 3\n", "prior-driven loss"),
+    ("model:\n  name: hemis_unet\n", "cannot be quantized"),
+])
+def test_a_method_that_cannot_be_quantized_is_refused_before_training(tmp_path, extra, reason):
+    import yaml
+
+    cfg = yaml.safe_load(TINY)
+    for section, values in yaml.safe_load(extra).items():
+        cfg.setdefault(section, {}).update(values)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "report"
+    with pytest.raises(UserError, match=f"{reason}.*for a float-only report pass --bits fp32"):
+        run_sweep(out, ["fp32", "8/8"], config=config, measure_memory=None)
+    assert not (out / "float_run").exists()  # refused in seconds, nothing trained

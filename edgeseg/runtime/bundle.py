@@ -45,7 +45,8 @@ OUTPUT_KINDS = ("logits", "probabilities", "sigmoid", "normalized_relu", "sigmoi
 # class_names [background, foreground] with p(foreground) = sigmoid(logit).
 # "normalized_relu": one raw score channel per class of a SoftSeg model (Gros et al. 2021); the runtime
 # turns each tile sample into soft maps: relu(s) / max relu(s), then divided by the channel sum at each
-# voxel (`pipeline.normalized_relu`, as ivadomed computes it).
+# voxel; a 2-class model is read as ivadomed's one-channel binary model, f = relu(s1 - s0) / max, served as
+# (1 - f, f) (`pipeline.normalized_relu`, as ivadomed computes it).
 # "sigmoid_multilabel": one logit channel per class name of an INERRANT model (Petit et al. 2021): channels
 # 1..K are independent sigmoids, channel 0 is not used. The runtime serves [MULTILABEL_BACKGROUND,
 # sigmoid(s_1), ..., sigmoid(s_K)], whose argmax is INERRANT's rule: the class of maximum probability,

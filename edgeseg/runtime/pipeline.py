@@ -169,13 +169,20 @@ def tile_warning(manifest: Manifest, tile: Sequence[int]) -> str | None:
 
 def normalized_relu(scores: np.ndarray) -> np.ndarray:
     """SoftSeg's output activation (Gros et al. 2021), as `edgeseg.train.softseg.normalized_relu` computes it
-    in training: relu(s) / max relu(s) per sample (max over channels and voxels), then, with several
-    channels, divided by the channel sum at each voxel; a voxel (or sample) with nothing positive gives 0.
+    in training: relu(s) / max relu(s) per sample (max over channels and voxels), then, with K > 2 channels,
+    divided by the channel sum at each voxel; a voxel (or sample) with nothing positive gives 0. K = 2 (binary,
+    ivadomed's one-channel model): f = relu(s1 - s0) / max relu(s1 - s0) per sample, served as (1 - f, f).
     Shape: (B, K, *T) -> (B, K, *T) float32 soft maps in [0, 1].
     """
-    positive = np.maximum(scores.astype(np.float32, copy=False), np.float32(0))
-    peak = positive.reshape(len(positive), -1).max(axis=1).reshape(-1, *([1] * (scores.ndim - 1)))
-    out = positive / np.where(peak > 0, peak, np.float32(1))
+    def peak_normalized(positive: np.ndarray) -> np.ndarray:
+        peak = positive.reshape(len(positive), -1).max(axis=1).reshape(-1, *([1] * (positive.ndim - 1)))
+        return positive / np.where(peak > 0, peak, np.float32(1))
+
+    scores = scores.astype(np.float32, copy=False)
+    if scores.shape[1] == 2:
+        foreground = peak_normalized(np.maximum(scores[:, 1:2] - scores[:, 0:1], np.float32(0)))
+        return np.concatenate([np.float32(1) - foreground, foreground], axis=1)
+    out = peak_normalized(np.maximum(scores, np.float32(0)))
     if scores.shape[1] > 1:
         total = out.sum(axis=1, keepdims=True)
         out = out / np.where(total > 0, total, np.float32(1))

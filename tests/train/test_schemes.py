@@ -43,14 +43,19 @@ def test_normalized_relu_by_hand():
     one = torch.tensor([[[2.0, -1.0, 1.0]], [[0.5, 0.0, 0.25]], [[-1.0, -2.0, 0.0]]])  # (B=3, K=1, S=3)
     torch.testing.assert_close(normalized_relu(one), torch.tensor([[[1.0, 0.0, 0.5]], [[1.0, 0.0, 0.5]],
                                                                    [[0.0, 0.0, 0.0]]]))
-    # K = 2: then divide by the channel sum at each voxel (ivadomed's multi-channel SoftSeg)
-    two = torch.tensor([[[-1.0, 2.0], [4.0, 0.0]],      # relu / 4: [[0, .5], [1, 0]] -> voxel sums 1 and .5
-                        [[0.5, -3.0], [0.25, 0.0]],     # relu / .5: [[1, 0], [.5, 0]] -> voxel 0 sums 1.5, voxel 1 0
-                        [[-1.0, -2.0], [0.0, -0.5]]])   # nothing positive -> zeros
-    expected = torch.tensor([[[0.0, 1.0], [1.0, 0.0]],
-                             [[2 / 3, 0.0], [1 / 3, 0.0]],
-                             [[0.0, 0.0], [0.0, 0.0]]])
-    torch.testing.assert_close(normalized_relu(two[..., None])[..., 0], expected)  # also with another spatial axis
+    # K = 3: then divide by the channel sum at each voxel (ivadomed's multi-channel SoftSeg)
+    three = torch.tensor([[[-1.0, 2.0], [4.0, 0.0], [2.0, 2.0]],     # relu / 4: [[0, .5], [1, 0], [.5, .5]]
+                          [[-1.0, -2.0], [0.0, -0.5], [-3.0, 0.0]]])  # nothing positive -> zeros
+    expected3 = torch.tensor([[[0.0, 0.5], [2 / 3, 0.0], [1 / 3, 0.5]],  # voxel sums 1.5 and 1
+                              [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]])
+    torch.testing.assert_close(normalized_relu(three[..., None])[..., 0], expected3)  # also with another axis
+    np.testing.assert_allclose(runtime_normalized_relu(three.numpy()), expected3.numpy(), atol=1e-7)
+    # K = 2 (ivadomed's one-channel binary model): f = relu(s1 - s0) / max, served as (1 - f, f)
+    two = torch.tensor([[[-1.0, 2.0, 0.0], [1.0, 0.0, 0.5]],   # s1 - s0 = [2, -2, .5] -> f = [1, 0, .25]
+                        [[0.0, 1.0, 3.0], [0.0, 0.0, 1.0]]])   # s1 - s0 <= 0 everywhere -> f = 0
+    expected = torch.tensor([[[0.0, 1.0, 0.75], [1.0, 0.0, 0.25]],
+                             [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]])
+    torch.testing.assert_close(normalized_relu(two), expected)
     np.testing.assert_allclose(runtime_normalized_relu(two.numpy()), expected.numpy(), atol=1e-7)  # the runtime's copy
     np.testing.assert_allclose(runtime_normalized_relu(one.numpy()), normalized_relu(one).numpy(), atol=1e-7)
     two.requires_grad_(True)

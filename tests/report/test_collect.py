@@ -105,7 +105,11 @@ def test_run_evaluation_scores_what_the_run_scored(tmp_path):
     data, evaluate = run_evaluation(run.path, None, default_evaluate)
     assert data == tmp_path / "em"
     assert evaluate.keywords == {"include_background": True, "layout": "png", "splits_file": "my_splits.json",
-                                 "seed": 7}
+                                 "seed": 7, "label_suffixes": None}
+    # a sidecar run's label files too (e.g. the spinal-cord grey matter only)
+    run.write_config(load_experiment(None, ["data.layout=sidecar", "data.label_suffixes=[_gm, _gm2]"]))
+    _, evaluate = run_evaluation(run.path, None, default_evaluate)
+    assert evaluate.keywords["layout"] == "sidecar" and evaluate.keywords["label_suffixes"] == ("_gm", "_gm2")
     other, _ = run_evaluation(run.path, tmp_path / "elsewhere", default_evaluate)
     assert other == tmp_path / "elsewhere"  # --data wins over the run's folder
 

@@ -125,9 +125,9 @@ def list_(
 
         items = available_losses()
     elif what == "configs":
-        from edgeseg.cli.demo import shipped_configs
+        from edgeseg.cli.demo import config_summary, shipped_configs
 
-        items = {p.stem: str(p) for p in shipped_configs()}
+        items = {p.stem: f"{config_summary(p)}\n    {p}" for p in shipped_configs()}
     else:
         from edgeseg.errors import unknown_name
 

@@ -49,6 +49,20 @@ def shipped_configs() -> list[Path]:
     return sorted(REPO_CONFIGS.glob("*.yaml")) if REPO_CONFIGS.is_dir() else []
 
 
+def config_summary(path: Path) -> str:
+    """A shipped config's description: its header comment up to the first line that ends a sentence, at most
+    two lines ("" when it has none)."""
+    lines: list[str] = []
+    for line in path.read_text(encoding="utf-8").splitlines()[:2]:
+        text = line.lstrip("#").strip()
+        if not line.startswith("#") or not text:
+            break
+        lines.append(text)
+        if text.endswith("."):
+            break
+    return " ".join(lines)
+
+
 def run_demo(out: Path, *, data: Path | None, overwrite: bool, console: Console) -> None:
     from edgeseg.atomic import write_json
     from edgeseg.cli.tables import metrics_table

@@ -80,3 +80,21 @@ def test_bad_yaml_is_one_line(tmp_path):
         load_experiment(bad)
     with pytest.raises(UserError, match="config file not found"):
         load_experiment(tmp_path / "missing.yaml")
+
+
+def test_list_configs_shows_each_configs_header_line_and_path():
+    from typer.testing import CliRunner
+
+    from edgeseg.cli.app import app
+    from edgeseg.cli.demo import shipped_configs
+
+    configs = shipped_configs()
+    assert len(configs) >= 10  # one per method and dataset
+    result = CliRunner().invoke(app, ["list", "configs"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    for path in configs:
+        first = path.read_text().splitlines()[0].lstrip("#").strip()  # every shipped config starts with a comment
+        assert first and f"{path.stem}  {first}" in result.output
+        assert str(path) in result.output
+    # the first sentence, across lines: countception's header sentence runs onto its second line
+    assert "intervertebral discs) on synthetic 2D keypoint phantoms:" in result.output

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from rich.console import Console
+from tiny_runs import TINY_PHANTOM_RUN
 from torch import nn
 
 from edgeseg.config import load_experiment
@@ -124,17 +125,7 @@ def test_segment_refuses_a_missing_prior_and_uncertainty_outputs(evidence_bundle
 # ------------------------------------------------------------------------------------- a trained run
 
 TINY = [
-    "data.root=synthetic",
-    "data.class_names=[background, sphere, blob]",
-    "data.synthetic_cases=8",
-    "data.synthetic_shape=[24, 24, 24]",
-    "data.patch_size=[8, 8, 8]",
-    "data.inference_tile=[24, 24, 24]",
-    "model.depth=1",
-    "model.base_width=4",
-    "train.batch_size=2",
-    "train.num_threads=1",
-    "train.deterministic=true",
+    *TINY_PHANTOM_RUN,
     "train.epochs=1",
     "train.steps_per_epoch=2",
     "train.scheme=stipple",

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from rich.console import Console
+from tiny_runs import TINY_PHANTOM_RUN
 
 from edgeseg.config import load_experiment
 from edgeseg.config.loader import from_dict, to_dict
@@ -304,19 +305,9 @@ def test_resolve_partial_labels_from_a_mapping_or_a_file(tmp_path):
 
 TINY = [
     *INERRANT,
-    "data.root=synthetic",
-    "data.class_names=[background, sphere, blob]",
-    "data.synthetic_cases=8",
-    "data.synthetic_shape=[24, 24, 24]",
-    "data.patch_size=[8, 8, 8]",
-    "data.inference_tile=[24, 24, 24]",
+    *TINY_PHANTOM_RUN,
     # blob's labels removed from half of the phantoms (the training split holds some of each)
     "data.partial_labels={phantom_000: [sphere], phantom_002: [sphere], phantom_004: [sphere], phantom_006: [sphere]}",
-    "model.depth=1",
-    "model.base_width=4",
-    "train.batch_size=2",
-    "train.num_threads=1",
-    "train.deterministic=true",
     "train.epochs=4",
     "train.steps_per_epoch=3",
     "train.inerrant.initial_epochs=2",

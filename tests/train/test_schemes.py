@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from rich.console import Console
+from tiny_runs import TINY_PHANTOM_RUN
 
 from edgeseg.config import load_experiment
 from edgeseg.config.loader import from_dict, to_dict
@@ -199,17 +200,7 @@ def test_one_hot_of_the_sampler_matches_class_indices():
 
 
 TINY = [
-    "data.root=synthetic",
-    "data.class_names=[background, sphere, blob]",
-    "data.synthetic_cases=8",
-    "data.synthetic_shape=[24, 24, 24]",
-    "data.patch_size=[8, 8, 8]",
-    "data.inference_tile=[24, 24, 24]",
-    "model.depth=1",  # depth 2 on 8^3 patches (a 2^3 bottleneck) trains non-deterministically on torch's CPU kernels
-    "model.base_width=4",
-    "train.batch_size=2",
-    "train.num_threads=1",
-    "train.deterministic=true",
+    *TINY_PHANTOM_RUN,
     "train.epochs=3",
     "train.steps_per_epoch=3",
 ]

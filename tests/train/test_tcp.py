@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from rich.console import Console
+from tiny_runs import TINY_PHANTOM_RUN
 
 from edgeseg.config import load_experiment
 from edgeseg.data.cases import PreparedCase
@@ -211,18 +212,8 @@ def test_tcp_settings_are_checked():
 
 TINY = [
     *INERRANT,
-    "data.root=synthetic",
-    "data.class_names=[background, sphere, blob]",
-    "data.synthetic_cases=8",
-    "data.synthetic_shape=[24, 24, 24]",
-    "data.patch_size=[8, 8, 8]",
-    "data.inference_tile=[24, 24, 24]",
+    *TINY_PHANTOM_RUN,
     "data.partial_labels={phantom_000: [sphere], phantom_002: [sphere], phantom_004: [sphere], phantom_006: [sphere]}",
-    "model.depth=1",
-    "model.base_width=4",
-    "train.batch_size=2",
-    "train.num_threads=1",
-    "train.deterministic=true",
     "train.epochs=4",
     "train.steps_per_epoch=3",
     "train.inerrant.initial_epochs=2",
@@ -294,6 +285,12 @@ DDP = [*TINY, "model.norm=none", "train.amp=false", "data.synthetic_cases=6", "d
        "data.partial_labels={phantom_000: [sphere], phantom_002: [sphere], phantom_004: [sphere]}"]
 
 
+def support_path() -> str:
+    """PYTHONPATH for this file run as a script by torchrun: tests/support (pytest's `pythonpath`) first."""
+    support = str(Path(__file__).resolve().parents[1] / "support")
+    return os.pathsep.join(p for p in (support, os.environ.get("PYTHONPATH", "")) if p)
+
+
 @pytest.mark.slow
 def test_two_processes_fit_the_same_head_as_one(tmp_path):
     """Under torchrun each rank fits the head on its share of the global batch, the gradients summed: the head,
@@ -304,7 +301,7 @@ def test_two_processes_fit_the_same_head_as_one(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__,
                str(tmp_path / "ddp")]
     done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": support_path()})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     logs = [[json.loads(line) for line in (tmp_path / r / "log.jsonl").read_text().splitlines()]
             for r in ("single", "ddp")]

@@ -15,3 +15,17 @@ TINY_PHANTOM_RUN = (
     "train.num_threads=1",
     "train.deterministic=true",
 )
+
+
+def phantom_cases(n: int, shape: tuple[int, ...]):
+    """n prepared 3-class phantom cases named c0, c1, ... (seeds 0..n-1) on a `shape` grid of 1 mm voxels, for
+    driving samplers and relabellers without a data folder."""
+    from edgeseg.data.cases import PreparedCase
+    from edgeseg.data.phantoms import make_phantom
+
+    cases = []
+    for seed in range(n):
+        image, label = make_phantom(shape, 3, seed)
+        cases.append(PreparedCase(name=f"c{seed}", image=image, label=label, spacing=(1.0,) * len(shape),
+                                  original=None, original_label=None))  # type: ignore[arg-type]
+    return cases

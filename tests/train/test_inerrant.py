@@ -17,13 +17,12 @@ import numpy as np
 import pytest
 import torch
 from rich.console import Console
-from tiny_runs import TINY_PHANTOM_RUN
+from tiny_runs import TINY_PHANTOM_RUN, phantom_cases
 
 from edgeseg.config import load_experiment
 from edgeseg.config.loader import from_dict, to_dict
 from edgeseg.config.schema import ExperimentConfig, LossConfig
 from edgeseg.data.cases import PreparedCase
-from edgeseg.data.phantoms import make_phantom
 from edgeseg.errors import UserError
 from edgeseg.losses import PartialLabelBCELoss, build_loss
 from edgeseg.runtime.bundle import MULTILABEL_BACKGROUND
@@ -162,21 +161,12 @@ def test_relabel_schedule():
     assert RelabelSchedule(epochs=5, initial_epochs=1, steps=0, gamma_max=0.5).step(5) == 0
 
 
-def _cases(n: int = 4, shape=(16, 16, 16)) -> list[PreparedCase]:
-    cases = []
-    for seed in range(n):
-        image, label = make_phantom(shape, 3, seed)
-        cases.append(PreparedCase(name=f"c{seed}", image=image, label=label, spacing=(1.0,) * len(shape),
-                                  original=None, original_label=None))  # type: ignore[arg-type]
-    return cases
-
-
 def test_relabeller_state_round_trips_and_feeds_the_sampler():
     cfg = load_experiment(None, [*INERRANT, "data.class_names=[background, sphere, blob]", "train.epochs=4",
                                  "train.inerrant.initial_epochs=2", "train.inerrant.relabel_steps=2",
                                  "augment.flip_axes=[]", "augment.gamma_prob=0", "augment.noise_prob=0",
                                  "data.partial_labels={c0: [sphere], c2: []}"])
-    cases = _cases()
+    cases = phantom_cases(4, (16, 16, 16))
     sampler = build_sampler(cfg, cases, (16, 16, 16), 3, seed=0)
     relabeller = build_relabeller(cfg, cases, sampler, (16, 16, 16))
     assert relabeller is not None and relabeller.partial == [0, 2]
@@ -215,7 +205,7 @@ def test_relabelling_predicts_2d_slices_of_partially_labelled_volumes():
     cfg = load_experiment(None, [*INERRANT, "data.class_names=[background, sphere, blob]", "data.spatial_dims=2",
                                  "data.patch_size=[16, 16]", "train.epochs=2", "train.inerrant.initial_epochs=1",
                                  "train.inerrant.relabel_steps=1", "data.partial_labels={c0: [sphere]}"])
-    slices = [s for case in _cases(2) for s in to_slices(case, 2)]  # "c0#0" ... "c1#15"
+    slices = [s for case in phantom_cases(2, (16, 16, 16)) for s in to_slices(case, 2)]  # "c0#0" ... "c1#15"
     sampler = build_sampler(cfg, slices, (16, 16), 2, seed=0)
     relabeller = build_relabeller(cfg, slices, sampler, (16, 16))
     assert relabeller.partial == list(range(16))  # the slices of c0
@@ -233,7 +223,7 @@ def test_relabelling_predicts_2d_slices_of_partially_labelled_volumes():
 
 
 def test_sampler_targets_partial_cases_and_naive_baselines_erase():
-    cases = _cases(2)
+    cases = phantom_cases(2, (16, 16, 16))
     base = ["data.class_names=[background, sphere, blob]", "data.partial_labels={c0: [sphere]}"]
     sampler = build_sampler(load_experiment(None, [*INERRANT, *base]), cases, (8, 8, 8), 3, seed=1)
     single, ranks = sampler, [build_sampler(load_experiment(None, [*INERRANT, *base]), cases, (8, 8, 8), 3, seed=1)

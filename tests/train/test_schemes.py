@@ -15,14 +15,12 @@ import numpy as np
 import pytest
 import torch
 from rich.console import Console
-from tiny_runs import TINY_PHANTOM_RUN
+from tiny_runs import TINY_PHANTOM_RUN, phantom_cases
 
 from edgeseg.config import load_experiment
 from edgeseg.config.loader import from_dict, to_dict
 from edgeseg.config.schema import ExperimentConfig
 from edgeseg.data.augment import Compose, one_hot
-from edgeseg.data.cases import PreparedCase
-from edgeseg.data.phantoms import make_phantom
 from edgeseg.errors import UserError
 from edgeseg.losses import AdaptiveWingLoss, adaptive_wing_loss
 from edgeseg.runtime.pipeline import normalized_relu as runtime_normalized_relu
@@ -116,21 +114,12 @@ def test_two_step_phases():
 # ------------------------------------------------------------------------------------- the sampler
 
 
-def _cases(n: int = 4, shape=(24, 24, 24)) -> list[PreparedCase]:
-    cases = []
-    for seed in range(n):
-        image, label = make_phantom(shape, 3, seed)
-        cases.append(PreparedCase(name=f"c{seed}", image=image, label=label, spacing=(1.0,) * len(shape),
-                                  original=None, original_label=None))  # type: ignore[arg-type]
-    return cases
-
-
 @pytest.mark.parametrize("mode", ["standard", "balanced", "natural"])
 @pytest.mark.parametrize("overrides", [[], ["augment.mixup_alpha=0.4", "augment.soft_dilation_factor=1.0"], SOFTSEG],
                          ids=["indices", "mixup+dilation", "softseg"])
 def test_rank_shares_make_up_the_single_process_batch(mode, overrides):
     cfg = load_experiment(None, ["data.class_names=[bg, a, b]", "augment.affine_prob=0.5", *overrides])
-    cases = _cases()
+    cases = phantom_cases(4, (24, 24, 24))
 
     def sampler(rank: int, world: int) -> BatchSampler:
         s = build_sampler(cfg, cases, (8, 8, 8), 3, seed=5)
@@ -152,7 +141,7 @@ def test_rank_shares_make_up_the_single_process_batch(mode, overrides):
 
 
 def test_mixup_and_dilation_make_soft_labels():
-    cases = _cases(2)
+    cases = phantom_cases(2, (24, 24, 24))
     three = "data.class_names=[bg, a, b]"
     plain = build_sampler(load_experiment(None, [three, "augment.mixup_alpha=0.4"]), cases, (8, 8, 8), 3, seed=0)
     assert plain.mixup_alpha == 0.4 and plain.num_classes == 3
@@ -168,7 +157,7 @@ def test_mixup_and_dilation_make_soft_labels():
 
 
 def test_balanced_mode_draws_half_positive_half_negative_and_natural_mode_the_real_share():
-    cases = _cases(3)
+    cases = phantom_cases(3, (24, 24, 24))
     patch = (8, 8, 8)
     sampler = BatchSampler(cases, patch, 0.33, Compose([]), seed=0)
     sampler.set_mode("balanced")
@@ -189,7 +178,7 @@ def test_balanced_mode_draws_half_positive_half_negative_and_natural_mode_the_re
 
 
 def test_one_hot_of_the_sampler_matches_class_indices():
-    cases = _cases(2)
+    cases = phantom_cases(2, (24, 24, 24))
     indices = BatchSampler(cases, (8, 8, 8), 0.5, Compose([]), seed=3)
     maps = BatchSampler(cases, (8, 8, 8), 0.5, Compose([]), seed=3, num_classes=3)
     (_, a), (_, b) = indices.next_batch(4), maps.next_batch(4)

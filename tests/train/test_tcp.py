@@ -20,11 +20,9 @@ import numpy as np
 import pytest
 import torch
 from rich.console import Console
-from tiny_runs import TINY_PHANTOM_RUN
+from tiny_runs import TINY_PHANTOM_RUN, phantom_cases
 
 from edgeseg.config import load_experiment
-from edgeseg.data.cases import PreparedCase
-from edgeseg.data.phantoms import make_phantom
 from edgeseg.errors import UserError
 from edgeseg.nets import UNet
 from edgeseg.runtime.bundle import MULTILABEL_BACKGROUND
@@ -148,21 +146,12 @@ def test_ranking_by_a_given_confidence_by_hand():
     assert index.tolist() == [2, 3]
 
 
-def _cases(n: int = 2, shape=(16, 16, 16)) -> list[PreparedCase]:
-    out = []
-    for seed in range(n):
-        image, label = make_phantom(shape, 3, seed)
-        out.append(PreparedCase(name=f"c{seed}", image=image, label=label, spacing=(1.0,) * len(shape),
-                                original=None, original_label=None))  # type: ignore[arg-type]
-    return out
-
-
 def test_relabelling_ranks_by_the_head_fitted_on_annotations_only():
     cfg = load_experiment(None, [*INERRANT, "data.class_names=[background, sphere, blob]", "train.epochs=3",
                                  "train.inerrant.initial_epochs=1", "train.inerrant.relabel_steps=2",
                                  "train.inerrant.gamma_max=1.0", "train.inerrant.confidence=tcp",
                                  "data.partial_labels={c0: [sphere]}"])
-    cases = _cases()
+    cases = phantom_cases(2, (16, 16, 16))
     sampler = build_sampler(cfg, cases, (16, 16, 16), 3, seed=0)
     relabeller = build_relabeller(cfg, cases, sampler, (16, 16, 16))
     assert isinstance(relabeller.confidence, TcpConfidence) and relabeller.confidence.steps == 200

@@ -593,6 +593,7 @@ class Bundle:
     path: Path
     manifest: Manifest
     _reader: _Reader
+    _stipple: Any = field(default=None, init=False, repr=False)  # the parsed prior, once `stipple_prior` read it
 
     def read_file(self, name: str) -> bytes:
         """A listed file's bytes, checked against the manifest's size and SHA-256 on every read."""
@@ -658,10 +659,12 @@ class Bundle:
         """The STIPPLE prior the runtime places on each volume (`edgeseg.priors.predict.PriorModel`), read from
         the bundle with every file's SHA-256 checked; None for other bundles. A file that is missing, changed,
         malformed, or whose classes, organ boxes, bins or reference differ from the manifest's `stipple` section
-        is a UserError."""
-        spec = self.manifest.stipple
-        if spec is None:
-            return None
+        is a UserError. Read once: `load_bundle` checks it, the pipeline then reuses it (it is immutable)."""
+        if self.manifest.stipple is not None and self._stipple is None:
+            self._stipple = self._read_stipple_prior(self.manifest.stipple)
+        return self._stipple
+
+    def _read_stipple_prior(self, spec: StipplePrior) -> Any:
         from edgeseg.priors.predict import PriorModel
         from edgeseg.priors.reference import read_reference
         from edgeseg.priors.stipple import read_prior

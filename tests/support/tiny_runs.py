@@ -16,6 +16,20 @@ TINY_PHANTOM_RUN = (
     "train.deterministic=true",
 )
 
+# INERRANT on the tiny run: blob's labels removed from half of the phantoms (the training split holds some of
+# each), 2 epochs on the partial labels, then 2 relabelling steps
+TINY_INERRANT_RUN = (
+    "train.scheme=inerrant",
+    "loss.name=partial_bce",
+    *TINY_PHANTOM_RUN,
+    "data.partial_labels={phantom_000: [sphere], phantom_002: [sphere], phantom_004: [sphere], phantom_006: [sphere]}",
+    "train.epochs=4",
+    "train.steps_per_epoch=3",
+    "train.inerrant.initial_epochs=2",
+    "train.inerrant.relabel_steps=2",
+    "train.inerrant.gamma_max=0.6",
+)
+
 
 def phantom_cases(n: int, shape: tuple[int, ...]):
     """n prepared 3-class phantom cases named c0, c1, ... (seeds 0..n-1) on a `shape` grid of 1 mm voxels, for

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from rich.console import Console
-from tiny_runs import TINY_PHANTOM_RUN, phantom_cases
+from tiny_runs import TINY_INERRANT_RUN, phantom_cases
 
 from edgeseg.config import load_experiment
 from edgeseg.config.loader import from_dict, to_dict
@@ -293,17 +293,7 @@ def test_resolve_partial_labels_from_a_mapping_or_a_file(tmp_path):
 # ------------------------------------------------------------------------------------- whole runs
 
 
-TINY = [
-    *INERRANT,
-    *TINY_PHANTOM_RUN,
-    # blob's labels removed from half of the phantoms (the training split holds some of each)
-    "data.partial_labels={phantom_000: [sphere], phantom_002: [sphere], phantom_004: [sphere], phantom_006: [sphere]}",
-    "train.epochs=4",
-    "train.steps_per_epoch=3",
-    "train.inerrant.initial_epochs=2",
-    "train.inerrant.relabel_steps=2",
-    "train.inerrant.gamma_max=0.6",
-]
+TINY = list(TINY_INERRANT_RUN)
 
 
 def _train(out, overrides=(), *, resume=False):

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from rich.console import Console
-from tiny_runs import TINY_PHANTOM_RUN, phantom_cases
+from tiny_runs import TINY_INERRANT_RUN, phantom_cases
 
 from edgeseg.config import load_experiment
 from edgeseg.errors import UserError
@@ -200,14 +200,7 @@ def test_tcp_settings_are_checked():
 
 
 TINY = [
-    *INERRANT,
-    *TINY_PHANTOM_RUN,
-    "data.partial_labels={phantom_000: [sphere], phantom_002: [sphere], phantom_004: [sphere], phantom_006: [sphere]}",
-    "train.epochs=4",
-    "train.steps_per_epoch=3",
-    "train.inerrant.initial_epochs=2",
-    "train.inerrant.relabel_steps=2",
-    "train.inerrant.gamma_max=0.6",
+    *TINY_INERRANT_RUN,
     "train.inerrant.confidence=tcp",
     "train.inerrant.tcp_steps=4",
 ]

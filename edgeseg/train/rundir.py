@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from edgeseg.atomic import write_json, write_text
 from edgeseg.config import ExperimentConfig, from_dict, to_dict
 from edgeseg.config.loader import read_yaml
 from edgeseg.errors import UserError
+
+_SAFETENSORS_TEMPORARY = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 
 
 @dataclass(frozen=True)
@@ -121,13 +124,16 @@ class RunDir:
         write_text(self.log, "".join(ln + "\n" for ln in keep))
 
     def remove_orphaned_temporaries(self) -> list[str]:
-        """Delete the hidden temporaries of checkpoint writes a kill interrupted (edgeseg.atomic names them
-        .<target>.<random><suffix>; the rename never happened, so the checkpoint itself is the previous one)."""
+        """Delete the hidden temporaries of checkpoint writes a kill interrupted; the rename never happened,
+        so the checkpoint itself is the previous one. There are two layers of them: edgeseg.atomic names its
+        temporary .<target>.<random><suffix>, and safetensors itself (seen with 0.8: strace shows it) writes
+        that file through its own .tmp<6 random characters> (Rust's tempfile crate) before renaming it."""
         folder = self.last.parent
         if not folder.is_dir():
             return []
         targets = (self.last.name, self.best.name)
-        removed = [p for p in folder.iterdir() if p.is_file() and any(p.name.startswith(f".{t}.") for t in targets)]
+        removed = [p for p in folder.iterdir() if p.is_file() and (any(p.name.startswith(f".{t}.") for t in targets)
+                                                                   or _SAFETENSORS_TEMPORARY.fullmatch(p.name))]
         for path in removed:
             path.unlink(missing_ok=True)
         return [p.name for p in removed]

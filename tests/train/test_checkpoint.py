@@ -69,13 +69,17 @@ def test_resume_housekeeping_removes_orphaned_checkpoint_temporaries_and_half_wr
     run = RunDir(tmp_path)
     run.last.parent.mkdir(parents=True)
     run.last.write_bytes(b"whole")
-    orphans = [run.last.parent / ".last.safetensors.abc123.safetensors", run.last.parent / ".best.safetensors.x"]
+    # ours (edgeseg.atomic) and safetensors' own: a SIGKILL in CI once left checkpoints/.tmpuot1Om behind
+    orphans = [run.last.parent / ".last.safetensors.abc123.safetensors", run.last.parent / ".best.safetensors.x",
+               run.last.parent / ".tmpuot1Om"]
     for path in orphans:
         path.write_bytes(b"partial")
-    keep = run.last.parent / "notes.txt"
-    keep.write_text("user file")
+    keep = [run.last.parent / "notes.txt", run.last.parent / ".tmp-user-notes"]
+    for path in keep:
+        path.write_text("user file")
     assert sorted(run.remove_orphaned_temporaries()) == sorted(p.name for p in orphans)
-    assert not any(p.exists() for p in orphans) and keep.is_file() and run.last.read_bytes() == b"whole"
+    assert not any(p.exists() for p in orphans) and all(p.is_file() for p in keep)
+    assert run.last.read_bytes() == b"whole"
     run.log.write_text('{"epoch": 1, "loss": 0.5}\n{"epoch": 2, "loss": 0.4}\n{"epoch": 3, "lo')
     run.truncate_log(after_epoch=2)
     assert run.log.read_text() == '{"epoch": 1, "loss": 0.5}\n{"epoch": 2, "loss": 0.4}\n'

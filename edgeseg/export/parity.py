@@ -44,6 +44,7 @@ class Difference:
     max_steps: float | None = None  # max |difference| in output quantization steps (quantized heads)
     label_agreement: float = 1.0  # fraction of voxels whose argmax class is the same
     logit_range: float = 0.0  # max - min of the reference logits
+    reference_max_abs: float = 0.0  # max |reference|: float32 rounding grows with the magnitude of the outputs
 
     def to_dict(self) -> dict[str, float | None]:
         return asdict(self)
@@ -62,7 +63,8 @@ def difference(actual: np.ndarray, reference: np.ndarray, step: np.ndarray | Non
     return Difference(max_abs=float(diff.max()) if diff.size else 0.0,
                       differing_fraction=float(np.mean(actual != reference)) if diff.size else 0.0,
                       max_steps=steps, label_agreement=agreement,
-                      logit_range=float(reference.max() - reference.min()) if diff.size else 0.0)
+                      logit_range=float(reference.max() - reference.min()) if diff.size else 0.0,
+                      reference_max_abs=float(np.abs(reference).max()) if diff.size else 0.0)
 
 
 def output_step(model: onnx.ModelProto) -> np.ndarray | None:

@@ -14,7 +14,7 @@ Forms written (docs/bundle.md):
   runnable in both ONNX Runtime and TensorRT).
 
 Every export is gated by measurements, printed at the end: float parity against PyTorch
-(max |delta logit| <= 1e-4); for quantized runs, per-layer integer parity of the QCDQ graph
+(max |delta logit| <= 1e-4 + 1e-5 x max |logit|); for quantized runs, per-layer integer parity of the QCDQ graph
 against brevitas (every quantized activation within 1 LSB when both sides are fed the same
 integer inputs, `layer_parity`; the end-to-end QCDQ-vs-brevitas numbers are reported, not gated,
 since one-LSB float-rounding flips propagate); the TensorRT form exactly equal to the QCDQ graph
@@ -58,7 +58,10 @@ from edgeseg.runtime.bundle import (
     load_bundle,
 )
 
-FLOAT_TOLERANCE = 1e-4  # max |delta logit| between ONNX Runtime and PyTorch, float32
+FLOAT_TOLERANCE = 1e-4  # max |delta logit| between ONNX Runtime and PyTorch, float32 ...
+FLOAT_RELATIVE_TOLERANCE = 1e-5  # ... plus this fraction of max |logit|: both sum the same float32 products in
+# different orders, so their difference grows with the outputs' magnitude. 1e-5 is ~80 float32 ulps; an
+# untrained Count-ception's heatmaps reach 120 and differed by 2.1e-4 (1.8e-6 of it).
 QUANT_STEP_TOLERANCE = 1.0  # output quantization steps between a quantized graph and brevitas, end to end
 LABEL_AGREEMENT_TOLERANCE = 0.995  # ... or labels this similar (see _within; the MC form's gate)
 LOGIT_RANGE_TOLERANCE = 0.02  # ... with logits within this fraction of their range
@@ -240,12 +243,17 @@ def _within(d: Difference, *, labels_fallback: bool = True) -> bool:
     """
     if d.max_steps is not None and d.max_steps <= QUANT_STEP_TOLERANCE:
         return True
-    if d.max_steps is None and d.max_abs <= FLOAT_TOLERANCE:
+    if d.max_steps is None and d.max_abs <= float_tolerance(d):
         return True
     if not labels_fallback:
         return False
     return (d.label_agreement >= LABEL_AGREEMENT_TOLERANCE
             and d.max_abs <= LOGIT_RANGE_TOLERANCE * max(d.logit_range, 1e-12))
+
+
+def float_tolerance(d: Difference) -> float:
+    """The largest float32 |ONNX Runtime - PyTorch| difference accepted for outputs like the reference of `d`."""
+    return FLOAT_TOLERANCE + FLOAT_RELATIVE_TOLERANCE * d.reference_max_abs
 
 
 def _float_forms(model: nn.Module, examples: list[_Example], reference: list[np.ndarray], spatial_dims: int,
@@ -254,12 +262,14 @@ def _float_forms(model: nn.Module, examples: list[_Example], reference: list[np.
     g.check(main)
     worst = max((difference(ort_run(main, e.feeds(extra_names)), r) for e, r in zip(examples, reference)),
                 key=lambda d: d.max_abs)
-    acc.parity["float_vs_pytorch"] = {**worst.to_dict(), "tolerance": FLOAT_TOLERANCE, "inputs": len(examples)}
+    tolerance = float_tolerance(worst)
+    acc.parity["float_vs_pytorch"] = {**worst.to_dict(), "tolerance": tolerance, "inputs": len(examples)}
     with_extra = f" (with {' and '.join(extra_names)} inputs)" if extra_names else ""
     acc.summary.append(f"float ONNX vs PyTorch{with_extra}: max |delta logit| {worst.max_abs:.2e} "
-                       f"(tolerance {FLOAT_TOLERANCE:g})")
-    _gate(worst.max_abs <= FLOAT_TOLERANCE, f"float export parity failed: max |delta logit| "
-                                            f"{worst.max_abs:.3e} > {FLOAT_TOLERANCE:g}")
+                       f"(tolerance {tolerance:.2g})")
+    _gate(worst.max_abs <= tolerance, f"float export parity failed: max |delta logit| {worst.max_abs:.3e} > "
+                                      f"{tolerance:.3g} ({FLOAT_TOLERANCE:g} + {FLOAT_RELATIVE_TOLERANCE:g} x max "
+                                      f"|logit| {worst.reference_max_abs:.3g})")
     if extra_names:
         moved = liveness(lambda feeds: ort_run(main, feeds), examples[0].feeds(extra_names), extra_names)
         acc.parity["extra_inputs"] = {name: {"output_change_max_abs": v} for name, v in moved.items()}
@@ -339,7 +349,7 @@ def _mc_form(wrapper: nn.Module, sites: list[McSite], example: _Example, extra_n
     else:
         mc_model = export_float(wrapper, (*example.args(), *masks), spatial_dims, sites, extra_names)
         diff = difference(ort_run(mc_model, feeds), ref)
-        ok = diff.max_abs <= FLOAT_TOLERANCE
+        ok = diff.max_abs <= float_tolerance(diff)
         acc.add("mc", mc_model, "any", "fp32")
     g.check(mc_model)
     _gate(ok, f"MC dropout export parity failed: {_fmt(diff)}")

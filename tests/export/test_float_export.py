@@ -45,3 +45,22 @@ def test_manifest_describes_the_model(float_export, kit):
     assert m.tile_size == [16, 16, 16] and m.min_input_multiple == 4
     assert m.preprocess["normalization"] == "zscore"
     assert set(m.files) == {"model.onnx", "model_mc.onnx", "weights.bin"}
+
+
+def test_float_gate_scales_with_the_outputs_magnitude():
+    """The gate is absolute for logit-sized outputs and relative for large ones (an untrained Count-ception's
+    heatmaps reach 120 and differed by 2.1e-4 between ONNX Runtime and PyTorch: float32 rounding, not a bug)."""
+    from edgeseg.export.parity import difference
+    from edgeseg.export.run_export import float_tolerance
+
+    def worst_case(magnitude: float, delta: float):
+        reference = np.full((1, 2, 4, 4), magnitude, np.float32)
+        reference[0, 1] = 0.0
+        actual = reference.copy()
+        actual[0, 0, 0, 0] += delta
+        d = difference(actual, reference)
+        assert d.reference_max_abs == magnitude and np.isclose(d.max_abs, delta, rtol=0.05)  # float32 steps
+        return d.max_abs <= float_tolerance(d)
+
+    assert worst_case(5.0, 5e-5) and not worst_case(5.0, 3e-4)  # logits: 1e-4 + 5e-5
+    assert worst_case(120.0, 2.1e-4) and not worst_case(120.0, 2e-3)  # heatmaps: 1e-4 + 1.2e-3

@@ -1,13 +1,18 @@
 """The report's example slice: one test case segmented through the runtime with flip TTA (and MC
 dropout where the bundle has it), drawn as image | mask overlay | voxel-wise entropy.
 
+The case is fed as `edgeseg evaluate BUNDLE` feeds it (FiLM metadata, HeMIS modalities, STIPPLE prior).
+STIPPLE bundles place their prior on the mean probabilities, so they have no per-sample entropy: the third
+panel says so. Keypoint bundles show their decoded keypoints over the image and the strongest heatmap.
+
 Torch-free, like the rest of the report's evaluation: the figure shows what the device delivers.
 """
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,21 +22,25 @@ from edgeseg.errors import UserError
 
 EXAMPLE_PNG = "example_slice.png"
 MC_PASSES = 2  # with flip TTA: 2 x 2**dims samples, enough for an entropy map and cheap on a CPU
+NO_ENTROPY_STIPPLE = "no per-sample entropy: STIPPLE places its prior on the mean probabilities"
 
 
 @dataclass(frozen=True)
 class ExampleSlice:
-    """One 2D slice of a segmented case: intensities, labels and entropy (nats) on the input grid."""
+    """One 2D slice of a segmented case on the input grid: intensities, labels and one map (entropy or heatmap)."""
 
     setting: str
     case: str
     axis: int | None  # None for a 2D image
     index: int | None
     image: np.ndarray  # (H, W) float
-    labels: np.ndarray  # (H, W) int
-    uncertainty: np.ndarray  # (H, W) float32
+    labels: np.ndarray  # (H, W) int (all 0 for keypoint bundles: their result is `points`)
+    uncertainty: np.ndarray | None  # (H, W) float32 entropy in nats; None where the bundle has no per-sample outputs
     class_names: list[str]
     samples: int
+    heatmap: np.ndarray | None = None  # keypoint bundles: (H, W) max over classes of the mean heatmaps
+    points: list[tuple[int, float, float]] = field(default_factory=list)  # keypoints here: (class, row, column)
+    note: str | None = None  # why the third panel shows no map
 
 
 def busiest_slice(labels: np.ndarray, axis: int) -> int:
@@ -44,44 +53,63 @@ def busiest_slice(labels: np.ndarray, axis: int) -> int:
 def segment_example(setting: str, bundle_path: Path, data: Path, split: str = "test", *, layout: str = "auto",
                     splits_file: str | None = "splits.json", seed: int = 0,
                     label_suffixes: Sequence[str] | None = None) -> ExampleSlice:
-    """Segment the first labelled case of the split with TTA (+ MC dropout) and cut its busiest slice."""
-    from edgeseg.data.discovery import discover_cases, load_splits
+    """Segment the first case of the split with TTA (+ MC dropout) and cut its busiest slice."""
+    from edgeseg.data.discovery import load_splits
     from edgeseg.data.io import read_image
     from edgeseg.runtime.backends import open_backend
     from edgeseg.runtime.bundle import load_bundle
-    from edgeseg.runtime.pipeline import prepare, segment_prepared
+    from edgeseg.runtime.evaluate_bundle import bundle_cases, cases_metadata, prepare_case
+    from edgeseg.runtime.pipeline import segment_prepared
 
     bundle = load_bundle(bundle_path)
     manifest = bundle.manifest
-    cases = discover_cases(Path(data), layout, label_suffixes=label_suffixes)
-    refs = cases if split == "all" else load_splits(Path(data), splits_file, cases, seed=seed).get(split, [])
+    prior = bundle.stipple_prior()
+    keypoints = manifest.output_kind == "heatmap"
+    root = Path(data)
+    cases = bundle_cases(manifest, root, layout, label_suffixes)
+    refs = cases if split == "all" else load_splits(root, splits_file, cases, seed=seed).get(split, [])
     if not refs:
         raise UserError(f"{data}: no cases in the '{split}' split for the example slice")
     ref = refs[0]
+    raw_metadata = cases_metadata(manifest, [ref], root)
     volume = read_image(list(ref.images))
-    mc = MC_PASSES if manifest.mc_available else 0
-    tta_axes = list(range(manifest.spatial_dims))
+    per_sample = prior is None and not keypoints  # entropy needs per-sample labels
+    mc = MC_PASSES if manifest.mc_available and per_sample else 0
     engine = open_backend(bundle, "auto", mc=mc > 0, batch_size=manifest.batch)
     try:
-        seg = segment_prepared(prepare(volume, manifest, str(ref.images[0])), manifest, engine, tta_axes=tta_axes,
-                               mc_passes=mc, uncertainty=True, batch_size=manifest.batch)
+        prepared = prepare_case(manifest, ref, volume, raw_metadata)
+        original = prepared.original
+        seg = segment_prepared(prepared, manifest, engine, tta_axes=list(range(manifest.spatial_dims)),
+                               mc_passes=mc, uncertainty=per_sample, probabilities=keypoints,
+                               batch_size=manifest.batch, prior=prior)
     finally:
         engine.close()
-    image = volume.array if volume.array.ndim == seg.labels.ndim else volume.array[0]  # first channel
-    assert seg.uncertainty is not None  # uncertainty=True with >= 2 samples
+    labels, entropy, heatmap, points = seg.labels, seg.uncertainty, None, []
+    image = volume.array if volume.array.ndim == labels.ndim else volume.array[0]  # the first channel
+    if keypoints:
+        from edgeseg.runtime.keypoints import decode_volume
+
+        assert seg.probabilities is not None  # probabilities=True: the mean heatmaps on the input's grid
+        heatmap = seg.probabilities[1:].max(axis=0)
+        labels = np.zeros(heatmap.shape, np.uint8)
+        points = [(int(r["label"]), *r["voxel"]) for r in decode_volume(seg.probabilities, original, manifest)]
     axis = index = None
-    labels, entropy = seg.labels, seg.uncertainty
     if labels.ndim == 3:
         axis = 2
-        index = busiest_slice(labels, axis)
-        image, labels, entropy = (np.take(a, index, axis=axis) for a in (image, labels, entropy))
+        index = busiest_slice(labels, axis) if heatmap is None else int(np.argmax(heatmap.max(axis=(0, 1))))
+        image, labels = (np.take(a, index, axis=axis) for a in (image, labels))
+        entropy = None if entropy is None else np.take(entropy, index, axis=axis)
+        heatmap = None if heatmap is None else np.take(heatmap, index, axis=axis)
+        points = [(k, *p[:2]) for k, *p in points if abs(p[2] - index) < 0.5]
     return ExampleSlice(setting=setting, case=ref.name, axis=axis, index=index, image=np.asarray(image, float),
-                        labels=np.asarray(labels), uncertainty=np.asarray(entropy, np.float32),
-                        class_names=list(manifest.class_names), samples=seg.sampling.num_samples)
+                        labels=np.asarray(labels), uncertainty=None if entropy is None else np.asarray(entropy, np.float32),
+                        class_names=list(manifest.class_names), samples=seg.sampling.num_samples,
+                        heatmap=heatmap, points=[(k, float(r), float(c)) for k, r, c in points],
+                        note=NO_ENTROPY_STIPPLE if prior is not None else None)
 
 
 def plot_example(example: ExampleSlice) -> bytes:
-    """Three panels: the image, the mask over it (one colour per class), the entropy map over it."""
+    """Three panels: the image, the mask (or keypoints) over it, the entropy (or heatmap) map over it."""
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
@@ -89,7 +117,7 @@ def plot_example(example: ExampleSlice) -> bytes:
 
     plt = pyplot()
     # Rows of a NIfTI slice are the first array axis; transpose so the slice reads like a viewer's.
-    image, labels, entropy = example.image.T, example.labels.T, example.uncertainty.T
+    image, labels = example.image.T, example.labels.T
     lo, hi = np.percentile(image, [1, 99]) if image.size else (0.0, 1.0)
     colours = plt.get_cmap("tab10")(np.arange(10))
     n = len(example.class_names)
@@ -101,16 +129,30 @@ def plot_example(example: ExampleSlice) -> bytes:
             ax.imshow(image, cmap="gray", vmin=lo, vmax=hi, origin="lower", interpolation="nearest")
             ax.set_axis_off()
         axes[0].set_title("image")
-        axes[1].imshow(np.ma.masked_equal(labels, 0), cmap=mask_cmap, vmin=0, vmax=n - 1, origin="lower",
-                       interpolation="nearest")
-        axes[1].set_title("mask (runtime)", fontsize=9)
+        if example.heatmap is None:
+            axes[1].imshow(np.ma.masked_equal(labels, 0), cmap=mask_cmap, vmin=0, vmax=n - 1, origin="lower",
+                           interpolation="nearest")
+            axes[1].set_title("mask (runtime)", fontsize=9)
+        else:  # transposed display: a keypoint at (row, column) of the slice is drawn at x=row, y=column
+            for k, row, column in example.points:
+                axes[1].plot(row, column, marker="+", markersize=12, mew=2, color=colours[(k - 1) % 10][:3])
+            axes[1].set_title(f"keypoints (runtime): {len(example.points)}", fontsize=9)
         axes[1].legend(handles=[Patch(color=colours[i % 10][:3], label=name)
                                 for i, name in enumerate(example.class_names[1:])],
                        loc="lower right", fontsize=7, framealpha=0.7)
-        shown = axes[2].imshow(np.ma.masked_less(entropy, 1e-3), cmap="magma", alpha=0.8, origin="lower",
-                               vmin=0, vmax=max(float(np.log(n)), 1e-3), interpolation="nearest")
-        axes[2].set_title(f"entropy over {example.samples} samples (nats)", fontsize=9)
-        fig.colorbar(shown, ax=axes[2], fraction=0.046, pad=0.04)
+        if example.uncertainty is not None:
+            shown = axes[2].imshow(np.ma.masked_less(example.uncertainty.T, 1e-3), cmap="magma", alpha=0.8,
+                                   origin="lower", vmin=0, vmax=max(float(np.log(n)), 1e-3), interpolation="nearest")
+            axes[2].set_title(f"entropy over {example.samples} samples (nats)", fontsize=9)
+            fig.colorbar(shown, ax=axes[2], fraction=0.046, pad=0.04)
+        elif example.heatmap is not None:
+            shown = axes[2].imshow(example.heatmap.T, cmap="magma", alpha=0.8, origin="lower",
+                                   interpolation="nearest")
+            axes[2].set_title(f"strongest heatmap, mean of {example.samples} samples", fontsize=9)
+            fig.colorbar(shown, ax=axes[2], fraction=0.046, pad=0.04)
+        else:
+            axes[2].text(0.5, 0.5, textwrap.fill(example.note or "no map", 28), ha="center", va="center", fontsize=8,
+                         transform=axes[2].transAxes, color="white", backgroundcolor=(0, 0, 0, 0.6))
         where = "" if example.axis is None else f", slice {example.index} of axis {example.axis}"
         fig.suptitle(f"{example.setting}: {example.case}{where}", fontsize=10)
 

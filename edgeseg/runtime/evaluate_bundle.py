@@ -24,24 +24,25 @@ function); the result has that command's layout ("cases", "summary", "detection"
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from edgeseg.data.discovery import discover_cases, load_splits
-from edgeseg.data.io import read_image, read_label
+from edgeseg.data.discovery import CaseRef, discover_cases, load_splits
+from edgeseg.data.io import Volume, read_image, read_label
 from edgeseg.data.metadata import read_metadata
 from edgeseg.data.preprocess import PreprocessSpec, remap_labels
 from edgeseg.errors import UserError, unknown_name
 from edgeseg.metrics import aggregate, case_metrics
 from edgeseg.metrics.keypoints import summarize_keypoints
+from edgeseg.runtime.bundle import Manifest
 from edgeseg.runtime.case_inputs import (
     assemble_modalities,
     check_input_options,
     modality_indices,
     model_inputs,
 )
-from edgeseg.runtime.pipeline import OnBatch, check_options, prepare, segment_prepared
+from edgeseg.runtime.pipeline import OnBatch, Prepared, check_options, prepare, segment_prepared
 
 SPLIT_CHOICES = ("train", "val", "test", "all")
 
@@ -52,6 +53,43 @@ def is_bundle_path(path: Path | str) -> bool:
 
     path = Path(path)
     return (path.is_dir() and (path / MANIFEST).is_file()) or (path.is_file() and is_archive(path))
+
+
+def bundle_cases(manifest: Manifest, root: Path, layout: str = "auto",
+                 label_suffixes: Sequence[str] | None = None) -> list[CaseRef]:
+    """The dataset's cases as this bundle reads them: HeMIS bundles accept cases with modality files missing."""
+    hetero = manifest.modalities is not None
+    return discover_cases(root, layout, missing_channels=hetero, channels=manifest.in_channels if hetero else None,
+                          label_suffixes=label_suffixes)
+
+
+def cases_metadata(manifest: Manifest, refs: Sequence[CaseRef], root: Path,
+                   metadata_table: Path | str | None = None) -> dict[str, Any] | None:
+    """FiLM bundles: every case's raw metadata, from `metadata_table`, else the table the run used (relative to
+    `root`), else each case's JSON sidecar; None for bundles without a metadata input."""
+    if manifest.metadata is None:
+        return None
+    table = metadata_table if metadata_table is not None else manifest.metadata.table
+    path = None if table is None else (Path(table) if Path(table).is_absolute() else root / table)
+    return read_metadata(refs, manifest.metadata.fields, path, manifest.metadata.case_column)
+
+
+def present_channels(ref: CaseRef) -> list[int]:
+    """The channels (modalities) of a case that have an image file."""
+    return [int(i) for i in ref.present_channels().nonzero()[0]]
+
+
+def prepare_case(manifest: Manifest, ref: CaseRef, image: Volume, raw_metadata: Mapping[str, Any] | None,
+                 selected: Sequence[int] | None = None) -> Prepared:
+    """A case's image and extra model inputs, prepared as `edgeseg evaluate RUN` feeds the run: HeMIS cases get
+    their present modalities (those in `selected`, when given) and the matching mask, FiLM cases their metadata."""
+    present = None
+    if manifest.modalities is not None:
+        image, present = assemble_modalities(image, present_channels(ref), manifest.modalities, selected, ref.name)
+    prepared = prepare(image, manifest, str(ref.images[0]), present)
+    prepared.inputs = model_inputs(manifest, None if raw_metadata is None else raw_metadata[ref.name], present,
+                                   ref.name)
+    return prepared
 
 
 def evaluate_bundle(
@@ -112,20 +150,14 @@ def evaluate_bundle(
     selected = None if modalities is None or manifest.modalities is None else modality_indices(manifest.modalities,
                                                                                                 modalities)
     root = Path(data)
-    hetero = manifest.modalities is not None
-    cases = discover_cases(root, layout, missing_channels=hetero, channels=manifest.in_channels if hetero else None,
-                           label_suffixes=label_suffixes)
+    cases = bundle_cases(manifest, root, layout, label_suffixes)
     if split == "all":
         refs = [c for c in cases if c.label is not None]
     else:
         refs = [c for c in load_splits(root, splits_file, cases, seed=seed).get(split, []) if c.label is not None]
     if not refs:
         raise UserError(f"{root}: no labelled cases in the '{split}' split")
-    raw_metadata = None
-    if manifest.metadata is not None:  # every case's metadata read before any work
-        table = metadata_table if metadata_table is not None else manifest.metadata.table
-        path = None if table is None else (Path(table) if Path(table).is_absolute() else root / table)
-        raw_metadata = read_metadata(refs, manifest.metadata.fields, path, manifest.metadata.case_column)
+    raw_metadata = cases_metadata(manifest, refs, root, metadata_table)  # every case's, read before any work
     spec = PreprocessSpec.from_dict(manifest.preprocess)
     class_names = list(manifest.class_names)
     skipped: list[str] = []
@@ -143,22 +175,15 @@ def evaluate_bundle(
     shifts: dict[str, list[int]] = {}  # STIPPLE: each case's placement (voxels from the reference volume)
     try:
         for ref in refs:
-            present = None
-            if manifest.modalities is not None:
-                channels = [int(i) for i in ref.present_channels().nonzero()[0]]
-                if selected is not None and not set(channels) & set(selected):
-                    skipped.append(ref.name)  # none of the chosen modalities on disk
-                    continue
+            if selected is not None and not set(present_channels(ref)) & set(selected):
+                skipped.append(ref.name)  # none of the chosen modalities on disk
+                continue
             image = read_image(list(ref.images))
             label = read_label(ref.label, image)  # type: ignore[arg-type]  # refs are labelled
             reference = remap_labels(label.array, spec.label_map, len(class_names))
             del label
             started = time.perf_counter()
-            if manifest.modalities is not None:
-                image, present = assemble_modalities(image, channels, manifest.modalities, selected, ref.name)
-            prepared = prepare(image, manifest, str(ref.images[0]), present)
-            prepared.inputs = model_inputs(manifest, None if raw_metadata is None else raw_metadata[ref.name], present,
-                                           ref.name)
+            prepared = prepare_case(manifest, ref, image, raw_metadata, selected)
             original = prepared.original
             del image
             seg = segment_prepared(prepared, manifest, engine, tta_axes=tta_axes, mc_passes=mc_passes,

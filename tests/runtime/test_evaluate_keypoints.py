@@ -118,3 +118,19 @@ def test_cli_evaluates_a_keypoint_bundle(keypoint_run, tmp_path):
     result = CliRunner().invoke(app, ["evaluate", str(bundle), "--data", str(data), "--include-background"])
     assert result.exit_code != 0 and isinstance(result.exception, UserError)
     assert "channel 0 is unused" in str(result.exception)
+
+
+def test_report_example_draws_the_keypoints_evaluate_decodes(keypoint_run):
+    """The report's example of a keypoint bundle shows the keypoints `evaluate BUNDLE --tta` decodes for that case
+    (once it drew the argmax of the heatmaps as a mask), and the strongest heatmap instead of an entropy map."""
+    from edgeseg.report.example import plot_example, segment_example
+    from edgeseg.runtime.evaluate_bundle import evaluate_bundle
+
+    _, bundle, data = keypoint_run
+    example = segment_example("fp32", bundle, data, "test")
+    expected = evaluate_bundle(bundle, data, "test", tta=True, backend="onnxruntime")["keypoints"][example.case]
+    assert expected and example.points == [(r["label"], *r["voxel"]) for r in expected]
+    assert example.axis is None and example.samples == 4 and example.uncertainty is None
+    assert example.heatmap is not None and example.heatmap.shape == example.image.shape == (20, 20)
+    assert not example.labels.any()
+    assert plot_example(example)[:8] == b"\x89PNG\r\n\x1a\n"

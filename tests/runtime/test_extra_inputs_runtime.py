@@ -391,6 +391,27 @@ def test_hemis_bundle_evaluation_on_a_subset_of_modalities_through_the_cli(hemis
     assert sorted(scored["skipped_cases"]) == sorted(set(train) - set(on_disk))
 
 
+@pytest.mark.parametrize("which", ["film", "hemis"])
+def test_report_example_feeds_the_extra_inputs_as_segment_does(which, request, tmp_path):
+    """The report's example slice of a FiLM / HeMIS bundle (it once failed: no metadata, no modality mask) is the
+    `edgeseg segment --tta [--mc 2]` mask of the same case, which reads the sidecar and channel files itself."""
+    from edgeseg.report.example import segment_example
+
+    run, bundle = request.getfixturevalue(which)
+    data = run / "synthetic_data"
+    example = segment_example("fp32", bundle, data, "test")
+    stem = example.case.removesuffix(".nii.gz")
+    images = sorted(p for p in data.rglob(f"{stem}*.nii.gz") if "label" not in p.parent.name)
+    mc = ["--mc", "2"] if which == "film" else []  # the FiLM run has dropout, the HeMIS run none
+    result = CliRunner().invoke(_app(), ["segment", str(bundle), *map(str, images), "--out", str(tmp_path), "--tta",
+                                         *mc, "--backend", "onnxruntime"])
+    assert result.exit_code == 0, result.output
+    mask = np.asarray(nib.load(str(tmp_path / example.case)).dataobj)
+    assert example.axis == 2 and example.samples == 8 * (2 if mc else 1)
+    np.testing.assert_array_equal(example.labels, mask[:, :, example.index])
+    assert example.uncertainty is not None and example.uncertainty.shape == example.labels.shape
+
+
 def test_runtime_with_extra_inputs_stays_torch_free(film, hemis, tmp_path):
     code = (
         "import sys\n"

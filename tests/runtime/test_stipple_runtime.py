@@ -237,6 +237,23 @@ def _swap_file(bundle: Path, name: str, content: bytes, *, record_in_section: bo
     _edit(bundle, edit)
 
 
+def test_report_example_places_the_prior_and_says_why_there_is_no_entropy(stipple_export, tmp_path):
+    """The report's example slice of a STIPPLE bundle (it once failed asking for uncertainty) is the `edgeseg segment
+    --tta` mask of the same case, with the third panel's reason instead of an entropy map."""
+    from edgeseg.report.example import NO_ENTROPY_STIPPLE, plot_example, segment_example
+    from edgeseg.runtime.batch import segment_batch
+
+    run, bundle, _ = stipple_export
+    example = segment_example("fp32", bundle, run / "synthetic_data", "test")
+    segment_batch(bundle, [run / "synthetic_data" / "images" / example.case], tmp_path, tta_axes=[0, 1, 2],
+                  backend="onnxruntime")
+    mask = np.asarray(nib.load(str(tmp_path / example.case)).dataobj)
+    assert example.axis == 2 and example.samples == 8
+    np.testing.assert_array_equal(example.labels, mask[:, :, example.index])
+    assert example.uncertainty is None and example.note == NO_ENTROPY_STIPPLE
+    assert plot_example(example)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_a_tampered_missing_or_malformed_prior_is_refused(stipple_export, tmp_path):
     from edgeseg.runtime.batch import segment_batch
 

@@ -12,6 +12,11 @@ rusage of the child (os.wait4 / RUSAGE_CHILDREN): on Linux a child's ru_maxrss s
 the forked copy of its parent, so under a torch-loaded parent every setting read ~the parent's size
 (measured: 365 MB for both a 0 MB and a 200 MB child). The number includes the interpreter and
 imports (numpy, onnxruntime), i.e. what a deployment process needs.
+
+Accuracy follows the bundle's kind (manifest `output_kind`): segmentation bundles are scored by mean Dice,
+keypoint bundles (output_kind "heatmap", e.g. Count-ception) by mean keypoint F1, the "mean" entry of the
+evaluator's summary in both cases. Each row records which (`accuracy_metric`, `accuracy_mean`); one report
+ranks one metric, so bundles of both kinds in one report are a UserError (`report_metric`).
 """
 
 from __future__ import annotations
@@ -28,10 +33,14 @@ from typing import Any
 
 from edgeseg.atomic import json_safe, write_json
 from edgeseg.errors import UserError
+from edgeseg.metrics.keypoints import KEYPOINT_METRICS
 
 Evaluate = Callable[[Path, "Path | None", str], dict[str, Any]]
 MeasureMemory = Callable[[Path, "Path | None", str], int]
+DICE, F1 = "dice", "f1"  # the report's accuracy metrics: segmentation and keypoint bundles
 REPORT_CLASS_METRICS = ("dice", "hd95", "abs_volume_error_mm3")
+CLASS_METRICS = {DICE: REPORT_CLASS_METRICS, F1: KEYPOINT_METRICS}  # per-class table cells kept in a row
+KEYPOINT_OUTPUT_KIND = "heatmap"
 DEFAULT_EVALUATOR = "edgeseg.runtime.evaluate_bundle:evaluate_bundle"
 MEMORY_METHOD = "peak RSS (VmHWM) of a fresh Python subprocess evaluating the split"
 BACKEND = "onnxruntime (CPU)"
@@ -95,8 +104,71 @@ def bundle_facts(bundle: Path) -> dict[str, Any]:
         "weights_at_rest": manifest.bits.get("weights_at_rest"),
         "bits_deployed": manifest.bits.get("deployed"),
         "class_names": list(manifest.class_names),
+        "output_kind": manifest.output_kind,
         "manifest_sha256": digest,
     }
+
+
+def accuracy_metric(output_kind: str | None) -> str:
+    """The report's accuracy metric for a bundle's output kind: F1 for keypoint bundles, Dice otherwise."""
+    return F1 if output_kind == KEYPOINT_OUTPUT_KIND else DICE
+
+
+def with_accuracy(row: dict[str, Any]) -> dict[str, Any]:
+    """An ok row with its accuracy fields (re)derived from its summary and output kind.
+
+    Sets `accuracy_metric`, `accuracy_mean` (the summary's "mean" entry of that metric), `per_class` and
+    `dice_mean` (None for keypoint rows; kept for readers of older reports). Rows cached before these
+    fields existed (no `output_kind`) are segmentation rows.
+    """
+    metric = accuracy_metric(row.get("output_kind"))
+    summary = row["summary"]
+    mean = (summary.get("mean", {}).get(metric) or {}).get("mean")
+    rest = {k: v for k, v in row.items() if k != "summary"}  # the long summary stays last (results.json reads)
+    return {**rest, "accuracy_metric": metric, "accuracy_mean": mean, "dice_mean": mean if metric == DICE else None,
+            "per_class": per_class(summary, CLASS_METRICS[metric]), "summary": summary}
+
+
+def as_accuracy_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as the renderer reads it: an ok row made without the accuracy fields (by a caller from before
+    they existed, when Dice was the only metric) is a Dice row with `accuracy_mean` = its `dice_mean`."""
+    if row.get("status") != "ok" or "accuracy_metric" in row:
+        return row
+    return {**row, "accuracy_metric": DICE, "accuracy_mean": row.get("dice_mean")}
+
+
+def report_metric(rows: Sequence[dict[str, Any]]) -> str:
+    """The one accuracy metric of a report's ok rows (Dice when there is none); mixed kinds are a UserError."""
+    by_metric: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("status") == "ok":
+            by_metric.setdefault(r.get("accuracy_metric", DICE), []).append(str(r["name"]))
+    return _one_metric(by_metric)
+
+
+def _one_metric(by_metric: dict[str, list[str]]) -> str:
+    if len(by_metric) > 1:
+        listed = "; ".join(f"{m}: {', '.join(names)}" for m, names in sorted(by_metric.items()))
+        raise UserError(f"one report ranks one accuracy metric, but these bundles mix segmentation (dice) and "
+                        f"keypoint (f1) models ({listed}); report each kind separately")
+    return next(iter(by_metric), DICE)
+
+
+def check_one_kind(settings: Sequence[tuple[str, Path]]) -> None:
+    """Fail before any evaluation when the readable bundles mix segmentation and keypoint models.
+
+    Unreadable manifests are skipped: that setting becomes a failed row later.
+    """
+    from edgeseg.runtime.bundle import read_manifest
+
+    by_metric: dict[str, list[str]] = {}
+    for name, bundle in settings:
+        try:
+            kind = read_manifest(Path(bundle)).output_kind
+        except (UserError, OSError, ValueError):
+            continue
+        by_metric.setdefault(accuracy_metric(kind), []).append(name)
+    _one_metric(by_metric)
 
 
 def per_class(summary: dict[str, Any], metrics: Sequence[str] = REPORT_CLASS_METRICS) -> dict[str, dict[str, Any]]:
@@ -146,10 +218,9 @@ def collect_setting(name: str, bundle: Path, *, data: Path | None, split: str = 
         "latency_s_median": statistics.median(seconds),
         "latency_s_per_case": seconds,
         "peak_rss_bytes": None, "memory_method": None,
-        "dice_mean": result["summary"].get("mean", {}).get("dice", {}).get("mean"),
-        "per_class": per_class(result["summary"]),
         "summary": result["summary"],
     }
+    row = with_accuracy(row)
     if measure_memory is not None:
         row["peak_rss_bytes"] = int(measure_memory(bundle, data, split))
         row["memory_method"] = MEMORY_METHOD
@@ -170,21 +241,25 @@ def _cache_path(cache_dir: Path, name: str) -> Path:
 
 
 def _reusable(path: Path, bundle: Path) -> dict[str, Any] | None:
-    """A finished row from an earlier run, if it was ok and is for the same bundle (path and manifest digest)."""
+    """A finished row from an earlier run, if it was ok and is for the same bundle (path and manifest digest).
+
+    Rows written before the accuracy fields existed get them here (from their summary and the manifest).
+    """
     if not path.is_file():
         return None
     try:
         row = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if row.get("status") != "ok" or row.get("bundle") != str(bundle):
+    if row.get("status") != "ok" or row.get("bundle") != str(bundle) or "summary" not in row:
         return None
     try:
-        if bundle_facts(bundle)["manifest_sha256"] != row.get("manifest_sha256"):
-            return None
+        facts = bundle_facts(bundle)
     except UserError:
         return None
-    return row
+    if facts["manifest_sha256"] != row.get("manifest_sha256"):
+        return None
+    return with_accuracy({**row, **facts})
 
 
 def collect(settings: Sequence[tuple[str, Path]], *, data: Path | None, split: str = "test",
@@ -199,6 +274,7 @@ def collect(settings: Sequence[tuple[str, Path]], *, data: Path | None, split: s
     names = [n for n, _ in settings]
     if len(set(names)) != len(names):
         raise UserError(f"setting names must be unique, got {names}")
+    check_one_kind(settings)
     rows = []
     for name, bundle in settings:
         bundle = Path(bundle)

@@ -43,6 +43,15 @@ class ExampleSlice:
     note: str | None = None  # why the third panel shows no map
 
 
+    def caption(self) -> str:
+        """What the figure shows, for the report's text."""
+        if self.heatmap is not None:
+            return f"the runtime's keypoints and its strongest heatmap, mean of {self.samples} flip-TTA samples"
+        if self.uncertainty is None:
+            return f"the runtime's mask (mean of {self.samples} flip-TTA samples); {self.note or 'no entropy map'}"
+        return f"the runtime's mask and its voxel-wise entropy over {self.samples} flip-TTA / MC-dropout samples"
+
+
 def busiest_slice(labels: np.ndarray, axis: int) -> int:
     """Index along `axis` of the slice with the most foreground voxels (the middle one if none has any)."""
     other = tuple(a for a in range(labels.ndim) if a != axis)
@@ -181,6 +190,6 @@ def example_writer(data: Path | None, split: str, **options: Any):
         except Exception as exc:  # noqa: BLE001 - an illustration that fails is reported, not fatal
             return {"setting": chosen["name"], "error": f"{type(exc).__name__}: {exc}"}, None
         return {"setting": example.setting, "case": example.case, "axis": example.axis, "index": example.index,
-                "samples": example.samples, "png": EXAMPLE_PNG}, png
+                "samples": example.samples, "caption": example.caption(), "png": EXAMPLE_PNG}, png
 
     return draw

@@ -1,4 +1,6 @@
-"""Pareto front of (model size, Dice) points: a smaller size and a higher Dice are both better.
+"""Pareto front of (model size, accuracy) points: a smaller size and a higher accuracy are both better.
+
+The accuracy is the report's metric (mean Dice for segmentation, mean keypoint F1 for keypoint bundles).
 
 Hand-written (a few lines) because the usual libraries (pymoo, paretoset) would be a heavy dependency
 for one sort-and-scan.
@@ -10,7 +12,7 @@ from collections.abc import Sequence
 
 
 def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    """True when point a = (size, dice) is at least as good as b on both axes and better on one."""
+    """True when point a = (size, accuracy) is at least as good as b on both axes and better on one."""
     return a[0] <= b[0] and a[1] >= b[1] and (a[0] < b[0] or a[1] > b[1])
 
 
@@ -21,7 +23,7 @@ def pareto_front(points: Sequence[tuple[float, float] | None]) -> list[int]:
     do not dominate each other, so duplicates on the front are all kept.
     """
     valid = [(i, p) for i, p in enumerate(points) if p is not None]
-    # Sort by size, then by Dice descending: a scan keeping the best Dice so far finds the front in O(n log n).
+    # Sort by size, then by accuracy descending: a scan keeping the best accuracy so far finds the front in O(n log n).
     order = sorted(valid, key=lambda item: (item[1][0], -item[1][1]))
     front: list[int] = []
     best: tuple[float, float] | None = None

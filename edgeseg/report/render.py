@@ -3,6 +3,9 @@
 Input is the list of report rows from `edgeseg.report.collect` (status "ok" or "failed"). The plots use
 matplotlib's Agg backend (no display needed); the HTML embeds them as base64 so the one file can be
 mailed or attached to an issue.
+
+The accuracy axis follows the rows' kind (`edgeseg.report.collect.report_metric`): mean Dice for segmentation
+bundles, mean keypoint F1 for keypoint bundles; `MetricView` says how each is tabulated and plotted.
 """
 
 from __future__ import annotations
@@ -11,18 +14,72 @@ import base64
 import html
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgeseg.atomic import write_bytes, write_json, write_text
-from edgeseg.report.collect import BACKEND, MEMORY_METHOD
+from edgeseg.report.collect import BACKEND, DICE, F1, MEMORY_METHOD, as_accuracy_row, report_metric
 from edgeseg.report.pareto import pareto_front
 
 RESULTS = "results.json"
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
-PLOTS = {"size": "dice_vs_size.png", "latency": "dice_vs_latency.png", "classes": "per_class_dice.png"}
 LATENCY_METHOD = "median over cases of the in-process wall time of the runtime predictor per volume"
+
+
+def plot_files(metric: str) -> dict[str, str]:
+    """The plots' file names for an accuracy metric ("dice": dice_vs_size.png, ...; "f1": f1_vs_size.png, ...)."""
+    return {"size": f"{metric}_vs_size.png", "latency": f"{metric}_vs_latency.png", "classes": f"per_class_{metric}.png"}
+
+
+PLOTS = plot_files(DICE)  # a segmentation report's plots
+
+
+@dataclass(frozen=True)
+class ClassColumn:
+    """One per-class column group of the table: a `per_class` metric, its header ("{}": the class) and format."""
+
+    metric: str
+    header: str
+    fmt: str
+    count_inf: bool = False  # append "(k inf)" from the row's `<metric>_n_inf`
+
+
+@dataclass(frozen=True)
+class MetricView:
+    """How a report shows its accuracy metric: labels, per-class columns and what they mean."""
+
+    metric: str  # the rows' accuracy_metric
+    label: str  # "Dice" / "F1" (axis labels, titles, the mean column)
+    ranked_by: str  # the Pareto front's accuracy, in words
+    columns: tuple[ClassColumn, ...]
+    explained: str  # the per-class columns, in words
+
+    @property
+    def plots(self) -> dict[str, str]:
+        return plot_files(self.metric)
+
+
+VIEWS = {
+    DICE: MetricView(
+        DICE, "Dice", "mean Dice",
+        (ClassColumn("dice", "Dice {}", ".3f"), ClassColumn("hd95", "HD95 {} (mm)", ".2f", count_inf=True),
+         ClassColumn("abs_volume_error_mm3", "vol. err. {} (mm³)", ".1f")),
+        ("HD95 is the mean over finite values; '(k inf)' counts cases where exactly one of prediction and "
+         "reference was empty.")),
+    F1: MetricView(
+        F1, "F1", "mean keypoint F1 over cases and classes",
+        (ClassColumn("f1", "F1 {}", ".3f"), ClassColumn("error_mm", "loc. err. {} (mm)", ".2f")),
+        ("Keypoint F1 per case and class is 2 TP / (predictions + references), a prediction being a true positive "
+         "when matched one to one to a reference keypoint within the bundle's match radius; localisation error is "
+         "the mean distance of the matched pairs, averaged over the cases with a match ('-': no match at all).")),
+}
+
+
+def metric_view(results: dict[str, Any]) -> MetricView:
+    """The view of a results document (reports written before `accuracy_metric` existed are Dice reports)."""
+    return VIEWS[results.get("accuracy_metric", DICE)]
 
 
 def ok_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -30,14 +87,17 @@ def ok_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def build_results(rows: Sequence[dict[str, Any]], *, split: str, data: str | None) -> dict[str, Any]:
-    """The results.json document: the rows plus the Pareto front (names, by increasing size)."""
-    points = [(float(r["bundle_bytes"]), float(r["dice_mean"])) if r.get("status") == "ok"
-              and r.get("dice_mean") is not None else None for r in rows]
+    """The results.json document: the rows plus the Pareto front (names, by increasing size) on the rows'
+    accuracy metric (`accuracy_metric`: "dice" or "f1"); rows of both kinds are a UserError."""
+    rows = [as_accuracy_row(r) for r in rows]
+    metric = report_metric(rows)
+    points = [(float(r["bundle_bytes"]), float(r["accuracy_mean"])) if r.get("status") == "ok"
+              and r.get("accuracy_mean") is not None else None for r in rows]
     front = [rows[i]["name"] for i in pareto_front(points)]
     return {
         "format": "edgeseg-report", "schema_version": 1, "split": split, "data": data, "backend": BACKEND,
         "latency_method": LATENCY_METHOD, "memory_method": MEMORY_METHOD,
-        "pareto_front": front,
+        "accuracy_metric": metric, "pareto_front": front,
         "settings": [{**r, "pareto": r["name"] in front} for r in rows],
     }
 
@@ -82,19 +142,25 @@ def _figure_png(draw) -> bytes:
     return figure_png(fig, lambda: draw(ax))
 
 
-def plot_dice_vs_size(results: dict[str, Any]) -> bytes:
-    """Mean Dice against bundle size (kB), the Pareto front drawn as a step line. Returns PNG bytes."""
+def _accuracy(row: dict[str, Any]) -> float:
+    """A row's mean accuracy for plotting (0 where undefined)."""
+    return row.get("accuracy_mean") or 0.0
+
+
+def plot_accuracy_vs_size(results: dict[str, Any]) -> bytes:
+    """Mean accuracy against bundle size (kB), the Pareto front drawn as a step line. Returns PNG bytes."""
     rows = ok_rows(results["settings"])
     by_name = {r["name"]: r for r in rows}
+    label = metric_view(results).label
 
     def draw(ax):
-        ax.scatter([r["bundle_bytes"] / 1e3 for r in rows], [r["dice_mean"] or 0.0 for r in rows], color="tab:blue")
+        ax.scatter([r["bundle_bytes"] / 1e3 for r in rows], [_accuracy(r) for r in rows], color="tab:blue")
         for r in rows:
-            ax.annotate(r["name"], (r["bundle_bytes"] / 1e3, r["dice_mean"] or 0.0), textcoords="offset points",
+            ax.annotate(r["name"], (r["bundle_bytes"] / 1e3, _accuracy(r)), textcoords="offset points",
                         xytext=(4, 4), fontsize=8)
         front = [by_name[n] for n in results["pareto_front"]]
         if front:
-            ax.step([r["bundle_bytes"] / 1e3 for r in front], [r["dice_mean"] for r in front], where="post",
+            ax.step([r["bundle_bytes"] / 1e3 for r in front], [r["accuracy_mean"] for r in front], where="post",
                     color="tab:red", label="Pareto front")
             ax.legend(loc="lower right")
         ax.set_xscale("log")
@@ -103,40 +169,42 @@ def plot_dice_vs_size(results: dict[str, Any]) -> bytes:
         ax.xaxis.set_major_formatter(ScalarFormatter())  # plain kB numbers, not 4x10^1
         ax.xaxis.set_minor_formatter(ScalarFormatter())
         ax.set_xlabel("bundle size at rest (kB, log scale)")
-        ax.set_ylabel("mean Dice")
-        ax.set_title("Dice vs model size")
+        ax.set_ylabel(f"mean {label}")
+        ax.set_title(f"{label} vs model size")
     return _figure_png(draw)
 
 
-def plot_dice_vs_latency(results: dict[str, Any]) -> bytes:
-    """Mean Dice against median latency per volume. Returns PNG bytes."""
+def plot_accuracy_vs_latency(results: dict[str, Any]) -> bytes:
+    """Mean accuracy against median latency per volume. Returns PNG bytes."""
     rows = ok_rows(results["settings"])
+    label = metric_view(results).label
 
     def draw(ax):
-        ax.scatter([r["latency_s_median"] for r in rows], [r["dice_mean"] or 0.0 for r in rows], color="tab:green")
+        ax.scatter([r["latency_s_median"] for r in rows], [_accuracy(r) for r in rows], color="tab:green")
         for r in rows:
-            ax.annotate(r["name"], (r["latency_s_median"], r["dice_mean"] or 0.0), textcoords="offset points",
+            ax.annotate(r["name"], (r["latency_s_median"], _accuracy(r)), textcoords="offset points",
                         xytext=(4, 4), fontsize=8)
         ax.set_xlabel(f"median latency per volume (s), {BACKEND}")
-        ax.set_ylabel("mean Dice")
-        ax.set_title("Dice vs latency")
+        ax.set_ylabel(f"mean {label}")
+        ax.set_title(f"{label} vs latency")
     return _figure_png(draw)
 
 
-def plot_per_class_dice(results: dict[str, Any]) -> bytes:
-    """Grouped bars: per-class mean Dice for each setting. Returns PNG bytes."""
+def plot_per_class_accuracy(results: dict[str, Any]) -> bytes:
+    """Grouped bars: per-class mean accuracy (Dice or F1) for each setting. Returns PNG bytes."""
     rows = ok_rows(results["settings"])
     classes = _classes(rows)
+    view = metric_view(results)
 
     def draw(ax):
         width = 0.8 / max(len(rows), 1)
         for k, r in enumerate(rows):
-            values = [r["per_class"].get(c, {}).get("dice") or 0.0 for c in classes]
+            values = [r["per_class"].get(c, {}).get(view.metric) or 0.0 for c in classes]
             ax.bar([i + k * width for i in range(len(classes))], values, width=width, label=r["name"])
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(classes))], classes)
         ax.set_ylim(0, 1)
-        ax.set_ylabel("mean Dice")
-        ax.set_title("Per-class Dice")
+        ax.set_ylabel(f"mean {view.label}")
+        ax.set_title(f"Per-class {view.label}")
         if rows:
             ax.legend(fontsize=8)
     return _figure_png(draw)
@@ -156,20 +224,20 @@ def _num(value: Any, fmt: str, inf_count: int = 0) -> str:
 def table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and cell strings of the summary table (shared by Markdown and HTML)."""
     classes = _classes(results["settings"])
-    header = ["setting", "Pareto", "bundle kB", "weights at rest", "mean Dice"]
-    header += [f"Dice {c}" for c in classes] + [f"HD95 {c} (mm)" for c in classes]
-    header += [f"vol. err. {c} (mm³)" for c in classes] + ["latency s/vol", "peak RSS MiB"]
+    view = metric_view(results)
+    header = ["setting", "Pareto", "bundle kB", "weights at rest", f"mean {view.label}"]
+    header += [col.header.format(c) for col in view.columns for c in classes] + ["latency s/vol", "peak RSS MiB"]
     cells = []
     for r in results["settings"]:
         if r.get("status") != "ok":
-            cells.append([r["name"], "", "failed", "", ""] + [""] * (3 * len(classes)) + ["", ""])
+            cells.append([r["name"], "", "failed", "", ""] + [""] * (len(view.columns) * len(classes)) + ["", ""])
             continue
         pc = r["per_class"]
         line = [r["name"], "yes" if r["pareto"] else "", _num(r["bundle_bytes"] / 1e3, ".1f"),
-                str(r.get("weights_at_rest") or ""), _num(r["dice_mean"], ".3f")]
-        line += [_num(pc.get(c, {}).get("dice"), ".3f") for c in classes]
-        line += [_num(pc.get(c, {}).get("hd95"), ".2f", pc.get(c, {}).get("hd95_n_inf", 0)) for c in classes]
-        line += [_num(pc.get(c, {}).get("abs_volume_error_mm3"), ".1f") for c in classes]
+                str(r.get("weights_at_rest") or ""), _num(r["accuracy_mean"], ".3f")]
+        for col in view.columns:
+            line += [_num(pc.get(c, {}).get(col.metric), col.fmt,
+                          pc.get(c, {}).get(f"{col.metric}_n_inf", 0) if col.count_inf else 0) for c in classes]
         rss = r.get("peak_rss_bytes")
         line += [_num(r["latency_s_median"], ".3f"), _num(None if rss is None else rss / 2**20, ".0f")]
         cells.append(line)
@@ -182,12 +250,12 @@ def _failures(results: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 
 def _notes(results: dict[str, Any]) -> list[str]:
+    view = metric_view(results)
     return [f"Split: {results['split']}; data: {results['data'] or 'from the run config'}; backend: {results['backend']}.",
             f"Latency: {results['latency_method']}.",
             f"Peak memory: {results['memory_method']}.",
             ("Pareto front: settings not beaten by another that is both smaller and at least as accurate "
-             "(mean Dice). HD95 is the mean over finite values; '(k inf)' counts cases where exactly one of "
-             "prediction and reference was empty.")]
+             f"({view.ranked_by}). {view.explained}")]
 
 
 def _example_lines(results: dict[str, Any]) -> list[str]:
@@ -196,8 +264,9 @@ def _example_lines(results: dict[str, Any]) -> list[str]:
         return []
     if example.get("error"):
         return ["", f"Example slice not drawn: {example['error']}"]
-    return ["", (f"Example ({example['setting']}, case {example['case']}): the runtime's mask and its voxel-wise "
-                 f"entropy over {example['samples']} flip-TTA / MC-dropout samples."), "",
+    caption = example.get("caption") or (f"the runtime's mask and its voxel-wise entropy over {example['samples']} "
+                                         "flip-TTA / MC-dropout samples")  # reports written before captions
+    return ["", f"Example ({example['setting']}, case {example['case']}): {caption}.", "",
             f"![example]({example['png']})"]
 
 
@@ -211,7 +280,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines += ["", "## Failed settings", ""]
         lines += [f"- **{n}** ({stage}): {err.splitlines()[0] if err else ''}" for n, stage, err in failures]
     lines += ["", "## Plots", ""]
-    lines += [f"![{key}]({name})" for key, name in PLOTS.items()]
+    lines += [f"![{key}]({name})" for key, name in metric_view(results).plots.items()]
     lines += _example_lines(results)
     return "\n".join(lines) + "\n"
 
@@ -256,8 +325,8 @@ def write_report(out: Path, rows: Sequence[dict[str, Any]], *, split: str, data:
     """
     out = Path(out)
     results = build_results(rows, split=split, data=data)
-    images = {"size": plot_dice_vs_size(results), "latency": plot_dice_vs_latency(results),
-              "classes": plot_per_class_dice(results)}
+    images = {"size": plot_accuracy_vs_size(results), "latency": plot_accuracy_vs_latency(results),
+              "classes": plot_per_class_accuracy(results)}
     if example is not None:
         record, png = example(results)
         results["example"] = record
@@ -265,7 +334,7 @@ def write_report(out: Path, rows: Sequence[dict[str, Any]], *, split: str, data:
             write_bytes(out / record["png"], png)
             images["example"] = png
     write_json(out / RESULTS, results)
-    for key, name in PLOTS.items():
+    for key, name in metric_view(results).plots.items():
         write_bytes(out / name, images[key])
     write_text(out / REPORT_MD, render_markdown(results))
     write_text(out / REPORT_HTML, render_html(results, images))

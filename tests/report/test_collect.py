@@ -120,3 +120,21 @@ def test_default_evaluate_without_data_is_a_user_error(tmp_path):
 
     with pytest.raises(UserError, match="--data"):
         default_evaluate(tmp_path / "bundle", None, "test")
+
+
+def test_rows_cached_before_the_accuracy_fields_are_reused_as_dice(bundles, tmp_path, fake_evaluator):
+    import json
+
+    cache = tmp_path / "cache"
+    collect([("fp32", bundles["fp32"])], data=None, cache_dir=cache, evaluate=fake_evaluator({"fp32": (0.9, 0.8)}),
+            measure_memory=None)
+    path = cache / "fp32.json"
+    row = json.loads(path.read_text())
+    for key in ("accuracy_metric", "accuracy_mean", "output_kind"):  # the row as written before those existed
+        del row[key]
+    path.write_text(json.dumps(row))
+    fake = fake_evaluator({})
+    (reused,) = collect([("fp32", bundles["fp32"])], data=None, cache_dir=cache, evaluate=fake, measure_memory=None)
+    assert fake.calls == [] and reused["reused"]
+    assert reused["accuracy_metric"] == "dice" and reused["output_kind"] == "logits"
+    assert reused["accuracy_mean"] == pytest.approx(0.80) and reused["dice_mean"] == pytest.approx(0.80)

@@ -67,6 +67,8 @@ def test_report_with_example_and_with_a_failing_example(detector_bundle, phantom
                            example=example_writer(phantoms, "test"))
     assert results["example"]["setting"] == "w4a6" and (tmp_path / "ok" / EXAMPLE_PNG).is_file()
     assert f"]({EXAMPLE_PNG})" in (tmp_path / "ok" / "report.md").read_text()
+    assert ("the runtime's mask and its voxel-wise entropy over 8 flip-TTA / MC-dropout samples"
+            in (tmp_path / "ok" / "report.md").read_text())
     broken = write_report(tmp_path / "bad", [row], split="test", data=str(tmp_path),
                           example=example_writer(tmp_path / "missing", "test"))
     assert "error" in broken["example"] and not (tmp_path / "bad" / EXAMPLE_PNG).exists()

@@ -30,3 +30,9 @@ def test_front_skips_failed_and_keeps_duplicates():
 def test_monotone_trade_off_is_all_front():
     points = [(3.0, 0.9), (1.0, 0.5), (2.0, 0.7)]
     assert pareto_front(points) == [1, 2, 0]
+
+
+def test_front_on_keypoint_f1():
+    # The axis is any "higher is better" accuracy: (size kB, mean F1); the smaller 8/8 has the higher F1.
+    points = [(4.0, 0.6), (1.0, 0.7), (0.6, 0.4)]
+    assert pareto_front(points) == [2, 1]

@@ -51,3 +51,23 @@ def test_markdown_and_html_show_the_table_and_failures(rows, tmp_path):
     assert html.count("data:image/png;base64,") == 3
     assert "src='http" not in html and "dice_vs_size.png" not in html  # self-contained
     assert "onnxruntime refused the graph" in html
+
+
+def test_segmentation_table_and_notes_are_unchanged(bundles, fake_evaluator):
+    # The Dice report's columns and cells, written by hand from the fake cases (conftest.fake_cases).
+    from edgeseg.report.render import build_results, render_markdown, table
+
+    rows = collect([("fp32", bundles["fp32"])], data=None, evaluate=fake_evaluator({"fp32": (0.9, 0.8)}),
+                   measure_memory=None)
+    results = build_results(rows, split="test", data=None)
+    assert results["accuracy_metric"] == "dice" and rows[0]["accuracy_mean"] == pytest.approx(0.80)
+    header, cells = table(results)
+    assert header == ["setting", "Pareto", "bundle kB", "weights at rest", "mean Dice", "Dice sphere", "Dice blob",
+                      "HD95 sphere (mm)", "HD95 blob (mm)", "vol. err. sphere (mm³)", "vol. err. blob (mm³)",
+                      "latency s/vol", "peak RSS MiB"]
+    assert cells == [["fp32", "yes", "4.0", "float32", "0.800", "0.850", "0.750", "2.00", "- (2 inf)", "10.0",
+                      "30.0", "0.200", "-"]]
+    md = render_markdown(results)
+    assert ("at least as accurate (mean Dice). HD95 is the mean over finite values; '(k inf)' counts cases where "
+            "exactly one of prediction and reference was empty.") in md
+    assert "![size](dice_vs_size.png)\n![latency](dice_vs_latency.png)\n![classes](per_class_dice.png)" in md

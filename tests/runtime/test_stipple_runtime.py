@@ -251,6 +251,7 @@ def test_report_example_places_the_prior_and_says_why_there_is_no_entropy(stippl
     assert example.axis == 2 and example.samples == 8
     np.testing.assert_array_equal(example.labels, mask[:, :, example.index])
     assert example.uncertainty is None and example.note == NO_ENTROPY_STIPPLE
+    assert example.caption() == f"the runtime's mask (mean of 8 flip-TTA samples); {NO_ENTROPY_STIPPLE}"
     assert plot_example(example)[:8] == b"\x89PNG\r\n\x1a\n"
 
 

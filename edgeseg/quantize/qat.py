@@ -52,7 +52,7 @@ from edgeseg.train.checkpoint import load_weights, save_weights
 from edgeseg.train.evaluation import evaluate_predictions, mean_foreground_dice
 from edgeseg.train.experiment import load_cases, load_run_model
 from edgeseg.train.inference import predict_labels
-from edgeseg.train.loop import FitParts, FitSchedule, ValScore, fit
+from edgeseg.train.loop import FitParts, FitSchedule, ValScore, dice_score, fit
 from edgeseg.train.optim import build_optimizer, build_scheduler
 from edgeseg.train.rundir import RunDir, RunInfo
 from edgeseg.train.sampling import BatchSampler
@@ -159,17 +159,17 @@ def quantize_run(
     # schemes (mixup, soft labels, SoftSeg's activation and loss, keypoint heatmaps and score) carry over to QAT;
     # a scheme with its own score (parts.score) is compared by it below too
     parts = _fit_parts(twin, sample_cases, val_cases, patch, cfg, qinfo, pspec, device)
-    if not qbits.is_float:
-        if val_cases and parts.score is not None:
-            ptq_score = _own_score(parts, twin, val_cases, console, "val (after calibration)")
-            metrics["val_score_after_calibration"] = ptq_score.value
-        elif val_cases:
-            ptq = _score(twin, val_cases, qinfo, pspec, device, console, "val (after calibration)", activation)
-            metrics["val_dice_after_calibration"] = mean_foreground_dice(ptq["summary"])
-
     weights_meta = {"bits": str(qbits), "parent_run": str(run_dir.resolve())}
+    calibrated = None  # the calibrated model's validation score, the one fine-tuning must beat
+    if not qbits.is_float and val_cases:
+        calibrated = _own_score(parts, twin, val_cases, console, "val (after calibration)")
+        key = "val_dice_after_calibration" if parts.score is None else "val_score_after_calibration"
+        metrics[key] = calibrated.value
+        if main and quant.epochs > 0:  # the checkpoint to keep if no QAT epoch validates better
+            save_weights(qrun.best, twin, {**weights_meta, "epoch": 0, calibrated.name: calibrated.value})
+
     if quant.epochs > 0:
-        metrics["qat"] = _fine_tune(parts, cfg, qrun, weights_meta, console)
+        metrics["qat"] = _fine_tune(parts, cfg, qrun, weights_meta, console, calibrated)
         if metrics["qat"]["interrupted"]:
             if main:
                 write_json(out / "metrics.json", metrics)
@@ -284,19 +284,28 @@ def _fit_parts(model, cases, val_cases, patch, cfg: ExperimentConfig, info: RunI
 
 
 def _fine_tune(parts: FitParts, cfg: ExperimentConfig, qrun: RunDir, weights_meta: dict[str, Any],
-               console: Console) -> dict[str, Any]:
+               console: Console, calibrated: ValScore | None = None) -> dict[str, Any]:
     """QAT with the float training loop: straight-through estimators are inside brevitas' quantizers.
 
     Mixed precision is off: bf16 autocast would round the quantizer scales and break the
     integer grid the deployed model runs on. The best checkpoint is the one of the best validation score:
     mean foreground Dice, or the scheme's own (`parts.score`); "best_val" holds the fields logged with it.
+    `calibrated`: the calibrated model's score, already saved as the best checkpoint (epoch 0): QAT can
+    make a model worse (a 4-bit Count-ception validated keypoint F1 1.0 after calibration and collapsed to
+    a constant heatmap, F1 0, within two QAT epochs), and then the calibrated model is the one kept.
     """
     quant = cfg.quant
     schedule = FitSchedule(quant.epochs, quant.steps_per_epoch, cfg.train.batch_size, cfg.train.val_every,
                            cfg.train.max_minutes, amp=False)
-    result = fit(parts, schedule, qrun, resume=False, console=console, weights_meta=weights_meta)
+    result = fit(parts, schedule, qrun, resume=False, console=console, weights_meta=weights_meta,
+                 initial_best=None if calibrated is None else calibrated.value)
     best = next((r for r in result.history if r["epoch"] == result.best_epoch), {})
     summary: dict[str, Any] = {"epochs": result.epochs_done, "best_epoch": result.best_epoch}
+    if calibrated is not None and result.best_epoch == 0:
+        best = calibrated.fields
+        summary["kept_calibrated"] = True
+        console.print(f"[yellow]no QAT epoch validated better than the calibrated model ({calibrated.text}): "
+                      "keeping the calibrated weights")
     if parts.score is None:
         summary["best_val_dice"] = result.best_dice
     else:
@@ -308,11 +317,11 @@ def _fine_tune(parts: FitParts, cfg: ExperimentConfig, qrun: RunDir, weights_met
 
 def _own_score(parts: FitParts, model: torch.nn.Module, cases: Sequence[PreparedCase], console: Console,
                label: str) -> ValScore:
-    """The scheme's own validation score (`parts.score`) of `model` on `cases`."""
-    assert parts.score is not None
+    """The validation score the loop selects by (the scheme's own `parts.score`, else mean foreground Dice) of
+    `model` on `cases`."""
     model.eval()
     with console.status(f"evaluating {label}") if console.is_terminal else contextlib.nullcontext():
-        return parts.score(replace(parts, model=model, val_cases=cases))
+        return (parts.score or dice_score)(replace(parts, model=model, val_cases=cases))
 
 
 def _compare_own_scores(parts: FitParts, float_model: torch.nn.Module, twin: torch.nn.Module,

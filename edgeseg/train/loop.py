@@ -196,8 +196,11 @@ class GracefulInterrupt:
 
 
 def fit(parts: FitParts, schedule: FitSchedule, run: RunDir, *, resume: bool, console: Console | None = None,
-        weights_meta: dict[str, Any] | None = None) -> FitResult:
+        weights_meta: dict[str, Any] | None = None, initial_best: float | None = None) -> FitResult:
     """Train, validating every `val_every` epochs; `resume` continues from run.last exactly.
+
+    `initial_best`: the validation score of the weights the caller already saved at run.best (QAT: the
+    calibrated model, "epoch 0"); training replaces that checkpoint only with a better one.
 
     Under torchrun (see `edgeseg.train.distributed`) every rank runs this; `schedule.batch_size` is
     the global batch, and only rank 0 writes checkpoints and the log.
@@ -211,8 +214,9 @@ def fit(parts: FitParts, schedule: FitSchedule, run: RunDir, *, resume: bool, co
     if schedule.batch_size % ctx.world_size:
         raise UserError(f"train.batch_size {schedule.batch_size} (the global batch) must be divisible by the "
                         f"number of processes ({ctx.world_size})")
-    state: dict[str, Any] = {"epoch": 0, "step": 0, "loss_sum": 0.0, "loss_n": 0, "best_dice": None,
-                             "best_epoch": None, "seconds": 0.0, "phase": two_step.phase(1, schedule.balanced_epochs)}
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "loss_sum": 0.0, "loss_n": 0, "best_dice": initial_best,
+                             "best_epoch": None if initial_best is None else 0, "seconds": 0.0,
+                             "phase": two_step.phase(1, schedule.balanced_epochs)}
     if resume:
         state = load_training_state(run.last, model, parts.optimizer, parts.scheduler)
         parts.sampler.set_state(state.pop("sampler_rng"))

@@ -81,6 +81,21 @@ def test_short_qat_keeps_dice_within_margin(quant_run, float_run, tmp_path):
     assert on_disk["splits"]["test"]["dice_quant"] == pytest.approx(metrics["splits"]["test"]["dice_quant"])
 
 
+def test_qat_that_only_hurts_keeps_the_calibrated_weights(float_run, tmp_path):
+    """Fine-tuning at an absurd learning rate wrecks the model; the calibrated model (validated before QAT) is
+    kept, so the run is never worse on val than calibration alone (a 4-bit Count-ception once collapsed to a
+    constant heatmap in QAT after validating keypoint F1 1.0 when calibrated, and the collapsed one was kept)."""
+    out = tmp_path / "wrecked"
+    metrics = quantize_run(float_run, "4/6", out, epochs=1, lr=50.0, overrides=QUICK_QAT, console=QUIET)
+    calibrated = metrics["val_dice_after_calibration"]
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert calibrated > 0.5 and logged[-1]["val_dice"] < calibrated - 0.1  # QAT did make it worse
+    assert metrics["qat"]["kept_calibrated"] is True and metrics["qat"]["best_epoch"] == 0
+    assert metrics["qat"]["best_val_dice"] == calibrated
+    # the saved best checkpoint is the calibrated model: scored again on val, it gives the calibrated Dice
+    assert metrics["splits"]["val"]["dice_quant"] == pytest.approx(calibrated, abs=1e-9)
+
+
 def test_quant_run_directory_records_bits_parent_and_config(float_run, quant_run):
     out, _ = quant_run
     run = RunDir(out)

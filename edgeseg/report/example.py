@@ -176,7 +176,7 @@ def example_setting(results: dict[str, Any]) -> dict[str, Any] | None:
     front = [s for s in results["settings"] if s.get("pareto") and s.get("status") == "ok"]
     if not front:
         return None
-    accuracy = {s["name"]: s.get("accuracy_mean", s.get("dice_mean")) or 0.0 for s in front}
+    accuracy = {s["name"]: s["accuracy_mean"] or 0.0 for s in front}  # build_results gives every ok row one
     best = max(accuracy.values())
     return min((s for s in front if accuracy[s["name"]] >= best - ACCURACY_SLACK), key=lambda s: s["bundle_bytes"])
 

@@ -264,9 +264,7 @@ def _example_lines(results: dict[str, Any]) -> list[str]:
         return []
     if example.get("error"):
         return ["", f"Example slice not drawn: {example['error']}"]
-    caption = example.get("caption") or (f"the runtime's mask and its voxel-wise entropy over {example['samples']} "
-                                         "flip-TTA / MC-dropout samples")  # reports written before captions
-    return ["", f"Example ({example['setting']}, case {example['case']}): {caption}.", "",
+    return ["", f"Example ({example['setting']}, case {example['case']}): {example['caption']}.", "",
             f"![example]({example['png']})"]
 
 

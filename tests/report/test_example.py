@@ -79,14 +79,14 @@ def test_report_with_example_and_with_a_failing_example(detector_bundle, phantom
 def test_example_is_the_smallest_front_setting_that_keeps_accuracy():
     from edgeseg.report.example import example_setting
 
-    def row(name, kb, accuracy, pareto=True, key="accuracy_mean"):
-        return {"name": name, "status": "ok", "pareto": pareto, "bundle_bytes": kb * 1000, key: accuracy}
+    def row(name, kb, accuracy, pareto=True):
+        return {"name": name, "status": "ok", "pareto": pareto, "bundle_bytes": kb * 1000, "accuracy_mean": accuracy}
 
     # a keypoint report: the 4/6 bundle is smallest (so on the front) but finds nothing
     keypoints = {"settings": [row("fp32", 443, 1.0, pareto=False), row("8/8", 136, 1.0), row("4/6", 115, 0.0)]}
     assert example_setting(keypoints)["name"] == "8/8"
     # the hippocampus report: 4/8 is 0.004 below fp32, within the slack, and smallest
-    dice = {"settings": [row("fp32", 5318, 0.886, key="dice_mean"), row("4/8", 718, 0.882, key="dice_mean"),
-                         row("2/4", 400, 0.71, key="dice_mean"), row("8/8", 1400, 0.881, pareto=False)]}
+    dice = {"settings": [row("fp32", 5318, 0.886), row("4/8", 718, 0.882), row("2/4", 400, 0.71),
+                         row("8/8", 1400, 0.881, pareto=False)]}
     assert example_setting(dice)["name"] == "4/8"
     assert example_setting({"settings": [row("fp32", 5, 0.9, pareto=False)]}) is None
